@@ -1,0 +1,216 @@
+"""The `alignkit` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from alignkit.errors import AlignkitError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Align open language models: SFT with LoRA/QLoRA and more.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Check and inspect training data.")
+app.add_typer(data_app, name="data")
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(exc: AlignkitError, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config file"),
+    overrides: list[str] = typer.Argument(None, help="section.key=value overrides"),
+) -> None:
+    """Run one training method from a config file."""
+    from alignkit.config import load_config
+    from alignkit.train.loop import Interrupted
+    from alignkit.train.run import run_training
+
+    try:
+        cfg = load_config(config, overrides or [])
+        summary = run_training(cfg, log=err.print)
+    except Interrupted as exc:
+        _fail(exc, code=130)
+    except AlignkitError as exc:
+        _fail(exc)
+    _print_summary(summary, cfg.output_dir)
+
+
+def _print_summary(summary: dict, output_dir: str) -> None:
+    if not summary:
+        return
+    eb, ea = summary.get("eval_before", {}), summary.get("eval_after", {})
+    if "eval/loss" in eb and "eval/loss" in ea:
+        out.print(f"held-out loss: {eb['eval/loss']:.4f} -> {ea['eval/loss']:.4f}")
+    for s in summary.get("samples", []):
+        out.rule(s["prompt"][:80], style="dim")
+        out.print(f"[bold]before:[/] {s['before']}", highlight=False)
+        out.print(f"[bold]after:[/]  {s['after']}", highlight=False)
+    out.print(
+        f"{summary['steps']} steps in {summary['wall_time_s']:.0f}s, "
+        f"{summary['tokens_per_s']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MB"
+        f"; run directory: {output_dir}",
+        highlight=False,
+    )
+
+
+@app.command()
+def quickstart(
+    output_dir: str = typer.Option("runs/quickstart", help="where the run goes"),
+    overrides: list[str] = typer.Argument(None, help="section.key=value overrides"),
+) -> None:
+    """SFT of the default model on bundled GSM8K problems, with samples before and after."""
+    from alignkit.quickstart import quickstart_config
+    from alignkit.train.loop import Interrupted
+    from alignkit.train.run import run_training
+
+    try:
+        cfg = quickstart_config(output_dir, overrides or [])
+        summary = run_training(cfg, log=err.print)
+    except Interrupted as exc:
+        _fail(exc, code=130)
+    except AlignkitError as exc:
+        _fail(exc)
+    _print_summary(summary, cfg.output_dir)
+
+
+@data_app.command("check")
+def data_check(
+    file: str = typer.Argument(..., help="data file or datasets hub name"),
+    method: str = typer.Option("sft", help="the method the data is for"),
+    model: str = typer.Option("smollm2-135m", help="model whose tokenizer and template to use"),
+    max_length: int = typer.Option(1024, "--max-length", help="token limit per example"),
+    fmt: str = typer.Option("auto", "--format", help="force a format instead of detecting it"),
+    column_map: list[str] = typer.Option(None, "--column-map", help="FIELD=CANONICAL, repeatable"),
+    truncation: str = typer.Option("drop", help="drop | truncate | error"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Preflight a data file: format, lengths, truncation, duplicates, label mask."""
+    from alignkit.config import DataConfig, ModelConfig
+    from alignkit.data import preflight_sft, render_report
+    from alignkit.models import load_tokenizer
+
+    try:
+        if method != "sft":
+            raise AlignkitError(
+                f"data check for method '{method}' is not available yet", hint="use --method sft"
+            )
+        cmap = dict(_split_pair(p) for p in column_map or [])
+        dcfg = DataConfig(
+            train=file, format=fmt, column_map=cmap, max_length=max_length, truncation=truncation
+        )
+        tok = load_tokenizer(ModelConfig(name=model))
+        report = preflight_sft(dcfg, tok)
+    except AlignkitError as exc:
+        _fail(exc)
+    except ValueError as exc:  # pydantic validation of the options
+        _fail(AlignkitError(str(exc).splitlines()[0], hint="see alignkit data check --help"))
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+    else:
+        render_report(report, out)
+    if report.problems:
+        raise typer.Exit(1)
+
+
+def _split_pair(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise AlignkitError(
+            f"--column-map '{text}' is not FIELD=CANONICAL",
+            hint="for GSM8K: --column-map question=prompt --column-map answer=completion",
+        )
+    a, b = text.split("=", 1)
+    return a.strip(), b.strip()
+
+
+@app.command()
+def generate(
+    model: str = typer.Option("smollm2-135m", help="model dir, adapter dir, run dir or alias"),
+    prompt: list[str] = typer.Option(..., help="user message; repeat for several"),
+    max_new_tokens: int = typer.Option(256, help="response length limit"),
+    temperature: float = typer.Option(0.0, help="0 means greedy"),
+    top_p: float = typer.Option(1.0),
+    system: str = typer.Option(None, help="optional system message"),
+) -> None:
+    """Chat with a model: the chat template is applied to each prompt."""
+    from alignkit.models import load_for_inference
+    from alignkit.rollout.generate import generate_chat
+
+    try:
+        path = _final_dir(model)
+        mdl, tok = load_for_inference(path, "cuda" if _cuda() else "cpu")
+        gens = generate_chat(
+            mdl,
+            tok,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            system=system,
+        )
+    except AlignkitError as exc:
+        _fail(exc)
+    for g in gens:
+        out.rule(g.prompt[:80], style="dim")
+        out.print(g.text, highlight=False)
+        if not g.ended:
+            err.print(f"[yellow](stopped at the {max_new_tokens}-token limit, no end-of-turn)[/]")
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="run directory, or its final/ adapter directory"),
+    out_dir: str = typer.Option(..., "--out", help="where to write the exported model"),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="merge LoRA into full weights"),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 for the saved weights"),
+) -> None:
+    """Write a standalone model: the LoRA adapter merged into full weights."""
+    from alignkit.models import export_merged
+
+    try:
+        if not merge:
+            raise AlignkitError(
+                "only --merge export is available", hint="final/ already holds the adapter as it is"
+            )
+        export_merged(_final_dir(source), out_dir, dtype=dtype)
+    except AlignkitError as exc:
+        _fail(exc)
+    out.print(f"merged model written to {out_dir}")
+
+
+def _final_dir(path: str) -> str:
+    """A run directory stands for its final/ model."""
+    p = Path(path)
+    return str(p / "final") if (p / "final").is_dir() and (p / "summary.json").exists() else path
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Run configuration: one YAML file plus dotted overrides, validated strictly.
+
+Unknown keys are errors (with the nearest valid key suggested), wrong types are errors naming the
+key, and the resolved configuration is written into the run directory so a run can be repeated.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from alignkit.errors import ConfigError
+
+METHODS = ("sft",)
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are rejected, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name: str = Field("smollm2-135m", description="HF directory, hub id, .gguf file or alias")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `name` (a directory)")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    chat_template: str | None = Field(
+        None, description="Named template (chatml, llama3, alpaca) or a Jinja string"
+    )
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    qlora: bool = Field(False, description="Load the base in 4-bit NF4 (double quant)")
+
+
+class DataConfig(Section):
+    train: str | None = None
+    eval: str | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Held-out share of `train`")
+    eval_size: int | None = Field(None, gt=0, description="Held-out rows of `train`")
+    format: str = "auto"
+    column_map: dict[str, str] = Field(default_factory=dict)
+    split: str = "train"
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows")
+    max_length: int = Field(1024, gt=0)
+    truncation: Literal["drop", "truncate", "error"] = "drop"
+    packing: bool = False
+    completion_only: bool = Field(True, description="Loss on assistant turns only")
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(4, gt=0, description="Per process, per micro-batch")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    logps_chunk_size: int = Field(1024, gt=0, description="Rows of the LM head per chunk")
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    resume: Literal["never", "auto"] = "never"
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl"]
+    )
+    sample_prompts: list[str] = Field(default_factory=list)
+    sample_max_new_tokens: int = Field(128, gt=0)
+    progress: bool = True
+
+
+class SFTConfig(Section):
+    """SFT has no knobs beyond the shared ones yet; the section exists for symmetry."""
+
+
+class RunConfig(Section):
+    method: Literal[METHODS] = "sft"  # type: ignore[valid-type]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = "runs/run"
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.data.eval_fraction and self.data.eval_size:
+            raise ValueError("data.eval_fraction and data.eval_size are exclusive: set one")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _suggest(key: str, choices: list[str]) -> str | None:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _section_fields(path: tuple[Any, ...]) -> list[str]:
+    """Field names valid at a dotted location, for suggestions."""
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    hint = "see examples/ for complete configs"
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            near = _suggest(str(loc[-1]), _section_fields(loc[:-1]))
+            msg = f"unknown key '{key}'"
+            if near:
+                prefix = ".".join(str(p) for p in loc[:-1])
+                msg += f"; did you mean '{prefix + '.' if prefix else ''}{near}'?"
+            lines.append(msg)
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"'{key}': {e['msg']}{shown}")
+    return ConfigError("invalid configuration:\n  " + "\n  ".join(lines), where=source, hint=hint)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(
+            f"override '{text}' has no '='", hint="write overrides as section.key=value"
+        )
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{text}' has no key", hint="write section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start empty), apply dotted overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "overrides"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file '{p}' does not exist", hint="pass the path to a YAML config"
+            )
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(
+                f"not valid YAML ({getattr(exc, 'problem', exc)})", where=where
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError("config is not a text file", where=str(p)) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("the config must be a mapping of sections", where=str(p))
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _explain(err, source) from None

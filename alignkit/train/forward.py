@@ -1,0 +1,94 @@
+"""One forward pass that returns label log-probabilities, never full logits.
+
+The training loop wraps the model in :class:`LogpsModel` before `accelerate` prepares it, so
+distributed wrappers (DDP) see the whole computation, LM head included, as one forward call.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.data.batching import additive_mask
+from alignkit.ops.logps import label_positions, per_sequence_sum, target_logps
+
+
+class SequenceLogps(NamedTuple):
+    token_logps: Tensor  # (N,) fp32 log-prob of each labelled token
+    rows: Tensor  # (N,) batch row of each labelled token
+    seq_logps: Tensor  # (B,) summed log-probs per sequence
+    seq_tokens: Tensor  # (B,) labelled tokens per sequence
+
+
+def unwrap_hf(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def hidden_dtype(model: nn.Module) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype
+
+
+class LogpsModel(nn.Module):
+    """Wraps a causal LM: forward(batch) -> SequenceLogps, computed from hidden states."""
+
+    def __init__(self, model: nn.Module, *, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        hf = unwrap_hf(model)
+        head = hf.get_output_embeddings()
+        if head is None or getattr(head, "bias", None) is not None:
+            raise ValueError("LogpsModel needs a bias-free LM head (get_output_embeddings)")
+
+    def _hf(self) -> nn.Module:
+        return unwrap_hf(self.model)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor):
+        """(B, T) inputs -> (B, T, H) last hidden states, adapters active."""
+        hf = self._hf()
+        backbone = hf.base_model  # e.g. LlamaModel: the decoder without its LM head
+        if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            # A packed batch's block mask: SDPA takes booleans, but eager attention *adds* the
+            # mask to the scores, so a boolean one would be silently ignored there.
+            if getattr(hf.config, "_attn_implementation", "sdpa") != "sdpa":
+                attention_mask = additive_mask(attention_mask, hidden_dtype(hf))
+        out = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        position_ids: Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> SequenceLogps:
+        # input_ids, labels: (B, T); attention_mask: (B, T) or a 4D packed mask (B, 1, T, T)
+        if position_ids is None:
+            if attention_mask.dim() == 4:
+                raise ValueError("a packed (4D-mask) batch must come with its position_ids")
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        pos = label_positions(labels)
+        picked = hidden[pos.rows, pos.cols]  # (N, H): only the positions that predict a label
+        weight = self._hf().get_output_embeddings().weight  # (V, H)
+        logps = target_logps(
+            picked, weight, pos.targets, chunk_size=self.chunk_size, temperature=temperature
+        )
+        b = input_ids.shape[0]
+        ones = torch.ones_like(logps)
+        return SequenceLogps(
+            logps,
+            pos.rows,
+            per_sequence_sum(logps, pos.rows, b),
+            per_sequence_sum(ones, pos.rows, b),
+        )

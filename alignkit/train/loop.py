@@ -1,0 +1,321 @@
+"""The one training loop every method shares.
+
+A method supplies how to collate its examples, how many normalisation units (tokens, pairs) a
+micro-batch holds, and a step function returning summed losses; the loop owns everything else:
+optimizer and schedule, accumulation with the loss normalised over the whole accumulated batch
+and across processes, clipping, mixed precision and DDP through `accelerate`, evaluation,
+checkpoints and resume, logging and progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.config import RunConfig
+from alignkit.errors import AlignkitError
+from alignkit.monitor.progress import Progress
+from alignkit.train.checkpoint import (
+    TrainerState,
+    checkpoint_dirs,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from alignkit.train.stream import MicroBatchStream, total_steps
+
+
+class StepOutput(NamedTuple):
+    loss_sum: Tensor  # scalar: sum of per-example loss terms in this micro-batch (with grad)
+    metrics: dict[str, Tensor]  # name -> (B,) detached per-example values, averaged per step
+    tokens: int  # non-padding tokens processed, for throughput
+
+
+class Method(Protocol):
+    """What a training method supplies to the loop."""
+
+    def collate(self, examples: list[Any]) -> dict[str, Tensor]: ...
+
+    def units(self, batch: dict[str, Tensor]) -> float: ...
+
+    def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput: ...
+
+
+class Interrupted(AlignkitError):
+    """Training stopped by Ctrl-C or SIGTERM after saving a checkpoint."""
+
+
+@dataclass
+class FitResult:
+    state: TrainerState
+    last_metrics: dict[str, float]
+    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_after: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+class MetricSums:
+    """Running sums of per-example metrics and of the loss, reduced across processes at once."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+        self.tensors: dict[str, Tensor] = {}
+
+    def add(self, out: StepOutput) -> None:
+        for name, values in out.metrics.items():
+            v = values.detach().float()
+            prev = self.tensors.get(name)
+            pair = torch.stack([v.sum(), torch.tensor(float(v.numel()), device=v.device)])
+            self.tensors[name] = pair if prev is None else prev + pair
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        out = {}
+        for name, pair in self.tensors.items():
+            total = accelerator.reduce(pair, reduction="sum")
+            out[name] = (total[0] / total[1].clamp(min=1)).item()
+        return out
+
+
+def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise AlignkitError(
+            "the model has no trainable parameters",
+            hint="enable lora or full fine-tuning (lora.enabled=false)",
+        )
+    # AdamW with decay only on matrices: biases and norms are not decayed (common practice).
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+
+
+def make_scheduler(optimizer, cfg, steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * steps))
+    return get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps
+    )
+
+
+class Trainer:
+    """Runs one method over its data with the shared machinery."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: nn.Module,
+        method: Method,
+        train_set: list[Any],
+        eval_set: list[Any],
+        lengths: list[int],
+        accelerator,
+        run_dir: Path,
+        logger=None,
+        on_eval: Callable[[str, dict[str, float]], None] | None = None,
+    ):
+        self.cfg, self.tcfg = cfg, cfg.train
+        self.model, self.method, self.acc = model, method, accelerator
+        self.train_set, self.eval_set = train_set, eval_set
+        self.run_dir, self.logger, self.on_eval = run_dir, logger, on_eval
+        self.stream = MicroBatchStream(
+            lengths,
+            self.tcfg.batch_size,
+            accelerator.num_processes,
+            self.tcfg.seed,
+            self.tcfg.group_by_length,
+        )
+        if self.stream.per_epoch == 0:
+            raise AlignkitError(
+                f"{len(train_set)} training examples are fewer than the {accelerator.num_processes}"
+                " processes",
+                hint="add data or run fewer processes",
+            )
+        self.steps = total_steps(
+            self.stream.per_epoch, self.tcfg.epochs, self.tcfg.grad_accum, self.tcfg.max_steps
+        )
+        self.total_micro = (
+            self.steps * self.tcfg.grad_accum
+            if self.tcfg.max_steps
+            else max(1, int(self.stream.per_epoch * self.tcfg.epochs))
+        )
+        self.optimizer = make_optimizer(model, self.tcfg)
+        self.scheduler = make_scheduler(self.optimizer, self.tcfg, self.steps)
+        self.prepared, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.state = TrainerState()
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _batch(self, micro_index: int) -> dict[str, Tensor]:
+        idx = self.stream.indices(micro_index, self.acc.process_index)
+        batch = self.method.collate([self.train_set[i] for i in idx])
+        return {k: v.to(self.acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _unwrapped(self) -> nn.Module:
+        return self.acc.unwrap_model(self.prepared)
+
+    def resume_if_asked(self) -> bool:
+        found = checkpoint_dirs(self.run_dir)
+        if self.tcfg.resume != "auto" or not found:
+            return False
+        self.state = load_checkpoint(
+            found[-1],
+            self._unwrapped(),
+            self.optimizer,
+            self.scheduler,
+            rank=self.acc.process_index,
+        )
+        self.acc.print(f"[alignkit] resumed from {found[-1]} (step {self.state.step}/{self.steps})")
+        return True
+
+    def save(self) -> Path:
+        ckpt = self.run_dir / "checkpoints" / f"step-{self.state.step}"
+        self.acc.wait_for_everyone()
+        save_checkpoint(
+            ckpt,
+            self._unwrapped(),
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            rank=self.acc.process_index,
+            is_main=self.acc.is_main_process,
+        )
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            prune_checkpoints(self.run_dir, self.tcfg.keep_checkpoints)
+        return ckpt
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and metrics over the held-out set, sharded across processes."""
+        if not self.eval_set:
+            return {}
+        self.prepared.eval()
+        sums, loss_sum, units = MetricSums(), torch.zeros((), device=self.acc.device), 0.0
+        bs, world, rank = self.tcfg.batch_size, self.acc.num_processes, self.acc.process_index
+        mine = self.eval_set[rank::world]
+        for s in range(0, len(mine), bs):
+            batch = self.method.collate(mine[s : s + bs])
+            batch = {
+                k: v.to(self.acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()
+            }
+            out = self.method.step(self.prepared, batch)
+            loss_sum += out.loss_sum.detach().float()
+            units += self.method.units(batch)
+            sums.add(out)
+        self.prepared.train()
+        total = self.acc.reduce(
+            torch.stack([loss_sum, torch.tensor(units, device=loss_sum.device)]), reduction="sum"
+        )
+        metrics = {"loss": (total[0] / total[1].clamp(min=1)).item(), **sums.reduce(self.acc)}
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def accumulate(self, first: int, last: int) -> tuple[Tensor, Tensor, int, MetricSums]:
+        """Forward and backward micro-batches [first, last) of the stream, leaving the summed
+        gradients in place; returns (loss sum, global units, tokens, metric sums)."""
+        batches = [self._batch(i) for i in range(first, last)]
+        local_units = sum(self.method.units(b) for b in batches)
+        units = self.acc.reduce(
+            torch.tensor(float(local_units), device=self.acc.device), reduction="sum"
+        ).clamp(min=1)
+        # DDP averages gradients over processes; scaling by the world size turns that average
+        # into the sum, so the loss is normalised by the units of the whole global batch.
+        scale = self.acc.num_processes / units
+        sums, loss_sum, tokens = MetricSums(), torch.zeros((), device=self.acc.device), 0
+        for j, batch in enumerate(batches):
+            sync = j == len(batches) - 1
+            ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.prepared)
+            with ctx:
+                out = self.method.step(self.prepared, batch)
+                self.acc.backward(out.loss_sum * scale)
+            loss_sum += out.loss_sum.detach().float()
+            tokens += out.tokens
+            sums.add(out)
+        return loss_sum, units, tokens, sums
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches."""
+        first = self.state.step * self.tcfg.grad_accum
+        last = min(first + self.tcfg.grad_accum, self.total_micro)
+        loss_sum, units, tokens, sums = self.accumulate(first, last)
+        max_norm = self.tcfg.max_grad_norm or float("inf")
+        grad_norm = self.acc.clip_grad_norm_(self.prepared.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = self.acc.reduce(
+            torch.stack([loss_sum, torch.tensor(float(tokens), device=loss_sum.device)]),
+            reduction="sum",
+        )
+        self.state.step += 1
+        self.state.micro_index = last
+        self.state.tokens_seen += int(totals[1].item())
+        return {
+            "loss": (totals[0] / units).item(),
+            "grad_norm": float(grad_norm),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "epoch": self.stream.epoch_of(last),
+            "tokens": int(totals[1].item()),
+            **sums.reduce(self.acc),
+        }
+
+    # -- the run --------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        self.resume_if_asked()
+        result = FitResult(self.state, {})
+        if self.state.step == 0 and self.eval_set:
+            result.eval_before = self.evaluate()
+            self._log(0, result.eval_before)
+        progress = Progress(self.steps, enabled=self.tcfg.progress and self.acc.is_main_process)
+        progress.start(self.state.step)
+        self.prepared.train()
+        t_start = time.perf_counter() - self.state.elapsed_s
+        try:
+            while self.state.step < self.steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                dt = time.perf_counter() - t0
+                metrics["tokens_per_s"] = metrics.pop("tokens") / max(dt, 1e-9)
+                self.state.elapsed_s = time.perf_counter() - t_start
+                step = self.state.step
+                if self._due(self.tcfg.eval_every) and step < self.steps:
+                    metrics.update(self.evaluate())
+                if step % self.tcfg.log_every == 0 or step == self.steps:
+                    self._log(step, metrics)
+                result.last_metrics = metrics
+                progress.update(step, metrics)
+                if self._due(self.tcfg.save_every) and step < self.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            progress.stop()
+            ckpt = self.save()
+            raise Interrupted(
+                f"interrupted at step {self.state.step}/{self.steps}; checkpoint saved to {ckpt}",
+                hint="run the same command with train.resume=auto to continue",
+            ) from None
+        progress.stop()
+        if self.eval_set:
+            result.eval_after = self.evaluate()
+            self._log(self.state.step, result.eval_after)
+        result.wall_s = time.perf_counter() - t_start
+        return result
+
+    def _due(self, every: int | None) -> bool:
+        return bool(every) and self.state.step % every == 0
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.logger is not None and self.acc.is_main_process:
+            self.logger.log(step, metrics)
+        if self.on_eval is not None and any(k.startswith("eval/") for k in metrics):
+            self.on_eval(f"step {step}", metrics)

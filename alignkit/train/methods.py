@@ -1,0 +1,37 @@
+"""Method registry: `method:` in the config picks a builder from this dict."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from alignkit.config import RunConfig
+from alignkit.train.loop import Method
+
+
+@dataclass
+class MethodSetup:
+    """Everything the loop needs from a method, built from the config and tokenizer."""
+
+    method: Method
+    train: list[Any]
+    eval: list[Any]
+    lengths: list[int]  # per training example, for length-grouped batches
+    wrap: Callable[[nn.Module], nn.Module]  # model -> the module the loop trains
+    info: dict[str, Any] = field(default_factory=dict)  # data facts for summary.json
+
+
+def _sft(cfg: RunConfig, tokenizer) -> MethodSetup:
+    from alignkit.train.sft import build_sft
+
+    return build_sft(cfg, tokenizer)
+
+
+BUILDERS: dict[str, Callable[[RunConfig, Any], MethodSetup]] = {"sft": _sft}
+
+
+def build_method(cfg: RunConfig, tokenizer) -> MethodSetup:
+    return BUILDERS[cfg.method](cfg, tokenizer)

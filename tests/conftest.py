@@ -1,0 +1,80 @@
+"""Shared fixtures: the real default model's tokenizer and tiny random models built from it.
+
+Unit and invariant tests run on tiny random Llama models (a few hundred thousand parameters) that
+share the real SmolLM2 tokenizer and chat template, so rendering and masking are tested on the real
+thing while forward passes stay fast. End-to-end tests use the real 135M model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from alignkit.models.resolve import resolve_model
+
+    return resolve_model("smollm2-135m").path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def tiny_llama_config(vocab_size: int = 49152, **overrides):
+    from transformers import LlamaConfig
+
+    params = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+def make_tiny_model(seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(**overrides), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A tiny random model saved with the real tokenizer: loadable like any HF directory."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.fail(f"shared data not found at {DATA}: CI must place ../shared beside the repo")
+    return DATA

@@ -1,0 +1,62 @@
+"""Config: strict keys with suggestions, typed values, dotted overrides."""
+
+import pytest
+
+from alignkit.config import load_config, parse_override
+from alignkit.errors import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(
+        write(tmp_path, "method: sft\ntrain:\n  lr: 1.0e-4\n"),
+        ["train.batch_size=2", "lora.enabled=true", "data.column_map={a: prompt}"],
+    )
+    assert cfg.model.name == "smollm2-135m"
+    assert cfg.train.lr == 1e-4 and cfg.train.batch_size == 2
+    assert cfg.lora.enabled and cfg.data.column_map == {"a": "prompt"}
+
+
+def test_unknown_key_suggests_nearest(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "train:\n  learning_rat: 1e-4\n"))
+    assert "unknown key 'train.learning_rat'" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.bach_size=3"])
+    assert "did you mean 'train.batch_size'" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["trian.lr=3"])
+    assert "did you mean 'train'" in str(exc.value)
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "train:\n  lr: fast\n"))
+    msg = str(exc.value)
+    assert "'train.lr'" in msg and "'fast'" in msg and "c.yaml" in msg
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(None, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match="method"):
+        load_config(None, ["method=dpoo"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [1,\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="no '='"):
+        parse_override("train.lr")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.lr=3e-4", "lora.target_modules=[q_proj, v_proj]"])
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg
