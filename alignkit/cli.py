@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from alignkit.errors import AlignkitError
 
@@ -25,8 +28,32 @@ err = Console(stderr=True)
 out = Console()
 
 
+def _log(message: str) -> None:
+    """Progress and facts from a run: plain text (no rich markup: '[alignkit]' is not a tag)."""
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress output replaces transformers' per-load bars and deprecation chatter."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
+
+
+@app.callback()
+def _setup() -> None:
+    """Align open language models: SFT with LoRA/QLoRA and more."""
+    _quiet_libraries()
+
+
 def _fail(exc: AlignkitError, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    # escape: paths, values and hints are text, and "[x]"/"[/x]" in them is not rich markup
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -42,7 +69,7 @@ def train(
 
     try:
         cfg = load_config(config, overrides or [])
-        summary = run_training(cfg, log=err.print)
+        summary = run_training(cfg, log=_log)
     except Interrupted as exc:
         _fail(exc, code=130)
     except AlignkitError as exc:
@@ -57,14 +84,16 @@ def _print_summary(summary: dict, output_dir: str) -> None:
     if "eval/loss" in eb and "eval/loss" in ea:
         out.print(f"held-out loss: {eb['eval/loss']:.4f} -> {ea['eval/loss']:.4f}")
     for s in summary.get("samples", []):
-        out.rule(s["prompt"][:80], style="dim")
-        out.print(f"[bold]before:[/] {s['before']}", highlight=False)
-        out.print(f"[bold]after:[/]  {s['after']}", highlight=False)
+        # Prompts and model text are printed as they are: "[/INST]" in a reply is not markup
+        out.rule(Text(s["prompt"][:80]), style="dim")
+        out.print(Text.assemble(("before: ", "bold"), s["before"]))
+        out.print(Text.assemble(("after:  ", "bold"), s["after"]))
     out.print(
         f"{summary['steps']} steps in {summary['wall_time_s']:.0f}s, "
         f"{summary['tokens_per_s']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MB"
         f"; run directory: {output_dir}",
         highlight=False,
+        markup=False,
     )
 
 
@@ -80,7 +109,7 @@ def quickstart(
 
     try:
         cfg = quickstart_config(output_dir, overrides or [])
-        summary = run_training(cfg, log=err.print)
+        summary = run_training(cfg, log=_log)
     except Interrupted as exc:
         _fail(exc, code=130)
     except AlignkitError as exc:
@@ -117,14 +146,24 @@ def data_check(
         report = preflight_sft(dcfg, tok)
     except AlignkitError as exc:
         _fail(exc)
-    except ValueError as exc:  # pydantic validation of the options
-        _fail(AlignkitError(str(exc).splitlines()[0], hint="see alignkit data check --help"))
+    except ValidationError as exc:  # pydantic validation of the options
+        _fail(_option_error(exc))
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
     else:
         render_report(report, out)
     if report.problems:
         raise typer.Exit(1)
+
+
+def _option_error(exc: ValidationError) -> AlignkitError:
+    """Name the command-line option a DataConfig validation error is about, and the bad value."""
+    lines = []
+    for e in exc.errors():
+        field = str(e["loc"][0]) if e["loc"] else ""
+        option = {"train": "FILE", "format": "--format"}.get(field, "--" + field.replace("_", "-"))
+        lines.append(f"{option}: {e['msg']} (got {e.get('input')!r})")
+    return AlignkitError("; ".join(lines), hint="see alignkit data check --help")
 
 
 def _split_pair(text: str) -> tuple[str, str]:
@@ -165,8 +204,8 @@ def generate(
     except AlignkitError as exc:
         _fail(exc)
     for g in gens:
-        out.rule(g.prompt[:80], style="dim")
-        out.print(g.text, highlight=False)
+        out.rule(Text(g.prompt[:80]), style="dim")
+        out.print(Text(g.text))
         if not g.ended:
             err.print(f"[yellow](stopped at the {max_new_tokens}-token limit, no end-of-turn)[/]")
 
@@ -189,7 +228,7 @@ def export(
         export_merged(_final_dir(source), out_dir, dtype=dtype)
     except AlignkitError as exc:
         _fail(exc)
-    out.print(f"merged model written to {out_dir}")
+    out.print(f"merged model written to {out_dir}", markup=False, highlight=False)
 
 
 def _final_dir(path: str) -> str:

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from alignkit.errors import ConfigError
 
-METHODS = ("sft",)
+METHODS = ("sft", "dpo", "ipo", "hinge", "robust_dpo", "simpo", "orpo", "kto")
+PAIR_METHODS = ("dpo", "ipo", "hinge", "robust_dpo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 class Section(BaseModel):
@@ -74,6 +76,9 @@ class TrainConfig(Section):
     seed: int = 42
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    parity: bool = Field(
+        False, description="Turn the speed levers off (plain layout) to compare with TRL"
+    )
     group_by_length: bool = True
     logps_chunk_size: int = Field(1024, gt=0, description="Rows of the LM head per chunk")
     log_every: int = Field(1, gt=0)
@@ -93,6 +98,50 @@ class SFTConfig(Section):
     """SFT has no knobs beyond the shared ones yet; the section exists for symmetry."""
 
 
+class DPOConfig(Section):
+    """DPO (Rafailov et al. 2023); label_smoothing > 0 gives conservative DPO."""
+
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+
+class IPOConfig(Section):
+    beta: float = Field(0.1, gt=0, description="IPO's tau")
+
+
+class HingeConfig(Section):
+    beta: float = Field(0.1, gt=0)
+
+
+class RobustDPOConfig(Section):
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="assumed label-flip rate")
+
+
+class SimPOConfig(Section):
+    beta: float = Field(2.0, gt=0)
+    gamma: float = Field(0.5, ge=0, description="target reward margin")
+
+
+class ORPOConfig(Section):
+    lambda_: float = Field(0.1, gt=0, alias="lambda", description="weight of the odds-ratio term")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class KTOConfig(Section):
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+
+
+class ReferenceConfig(Section):
+    """Where reference log-probs come from (DPO family and KTO)."""
+
+    model: str | None = Field(None, description="explicit reference model; default: the start")
+    mode: Literal["auto", "cache", "adapter", "copy"] = "auto"
+
+
 class RunConfig(Section):
     method: Literal[METHODS] = "sft"  # type: ignore[valid-type]
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -101,15 +150,45 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = "runs/run"
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    ipo: IPOConfig = Field(default_factory=IPOConfig)
+    hinge: HingeConfig = Field(default_factory=HingeConfig)
+    robust_dpo: RobustDPOConfig = Field(default_factory=RobustDPOConfig)
+    simpo: SimPOConfig = Field(default_factory=SimPOConfig)
+    orpo: ORPOConfig = Field(default_factory=ORPOConfig)
+    kto: KTOConfig = Field(default_factory=KTOConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.data.eval_fraction and self.data.eval_size:
             raise ValueError("data.eval_fraction and data.eval_size are exclusive: set one")
+        if self.method in REFERENCE_FREE and (
+            self.reference.model or self.reference.mode != "auto"
+        ):
+            raise ValueError(
+                f"{self.method} is reference-free: remove the 'reference' section "
+                "(or use dpo for a reference-based loss)"
+            )
         return self
 
+    def method_params(self) -> dict:
+        """The knobs of the chosen method as keyword arguments of its loss."""
+        section = getattr(self, self.method)
+        params = section.model_dump()
+        if self.method == "orpo":  # the loss calls ORPO's lambda `beta`, as TRL does
+            params = {"beta": params.pop("lambda_")}
+        return params
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config, with only the chosen method's own section."""
+        data = self.model_dump(mode="json", by_alias=True)
+        for name in METHODS:
+            if name != self.method:
+                data.pop(name, None)
+        if self.method == "sft" or self.method in REFERENCE_FREE:
+            data.pop("reference", None)
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def _suggest(key: str, choices: list[str]) -> str | None:
@@ -146,7 +225,8 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"'{key}': {e['msg']}{shown}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"'{key}': {msg}{shown}" if loc else msg)
     return ConfigError("invalid configuration:\n  " + "\n  ".join(lines), where=source, hint=hint)
 
 
@@ -209,6 +289,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = loaded
     raw = apply_overrides(raw, overrides or [])
     try:
-        return RunConfig.model_validate(raw)
+        return RunConfig.model_validate(raw, by_alias=True)
     except ValidationError as err:
         raise _explain(err, source) from None

@@ -1,5 +1,6 @@
-"""SFT data pipeline: read files, detect and convert formats, render chat templates with exact
+"""Data pipeline: read files, detect and convert formats, render chat templates with exact
 label masks, tokenize with an explicit truncation policy, batch or pack, and check it all first.
+SFT rows, preference pairs (plain and prefix-shared batches) and KTO examples.
 """
 
 from alignkit.data.batching import (
@@ -21,6 +22,38 @@ from alignkit.data.formats import (
     validate_messages,
 )
 from alignkit.data.io import LocatedRecords, read_located, read_records
+from alignkit.data.pair_batching import (
+    collate_kto,
+    collate_pairs,
+    collate_pairs_shared,
+    collate_rows,
+    prefix_shared_mask,
+    sum_by_segment,
+)
+from alignkit.data.pair_formats import (
+    Pair,
+    PromptMismatch,
+    Unpaired,
+    pair_to_unpaired,
+    parse_hh,
+    split_implicit,
+    to_pair,
+    to_unpaired,
+)
+from alignkit.data.preference import (
+    KTO_FORMATS,
+    PREFERENCE_FORMATS,
+    KTOData,
+    KTOExample,
+    PairExample,
+    PairStats,
+    PreferenceData,
+    fit_prompt,
+    load_kto_data,
+    load_preference_data,
+    tokenize_pair,
+)
+from alignkit.data.preference_preflight import preflight_preference
 from alignkit.data.preflight import LengthStats, PreflightReport, preflight_sft, render_report
 from alignkit.data.templates import (
     NAMED_TEMPLATES,
@@ -79,4 +112,30 @@ __all__ = [
     "to_messages",
     "tokenize_sft",
     "validate_messages",
+    "KTO_FORMATS",
+    "PREFERENCE_FORMATS",
+    "KTOData",
+    "KTOExample",
+    "Pair",
+    "PairExample",
+    "PairStats",
+    "PreferenceData",
+    "PromptMismatch",
+    "Unpaired",
+    "collate_kto",
+    "collate_pairs",
+    "collate_pairs_shared",
+    "collate_rows",
+    "fit_prompt",
+    "load_kto_data",
+    "load_preference_data",
+    "pair_to_unpaired",
+    "parse_hh",
+    "preflight_preference",
+    "prefix_shared_mask",
+    "split_implicit",
+    "sum_by_segment",
+    "to_pair",
+    "to_unpaired",
+    "tokenize_pair",
 ]

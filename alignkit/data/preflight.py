@@ -76,6 +76,12 @@ class PreflightReport:
     example: list[tuple[str, bool]] = field(default_factory=list)  # (text, trained) segments
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Preference data (kind="preference"): stats is then a PairStats, `example` the chosen side.
+    kind: str = "sft"
+    prompt_mismatch: int = 0  # chosen and rejected answer different prompts (dropped)
+    identical_pairs: int = 0  # chosen == rejected
+    damaged: int = 0  # a response alone leaves no room for the prompt within max_length
+    example_rejected: list[tuple[str, bool]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -89,6 +95,9 @@ class PreflightReport:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["example"] = [{"text": t, "trained": trained} for t, trained in self.example]
+        out["example_rejected"] = [
+            {"text": t, "trained": trained} for t, trained in self.example_rejected
+        ]
         out["example_marked"] = self.example_marked
         out["ok"] = self.ok
         return out
@@ -351,11 +360,44 @@ def render_report(report: PreflightReport, console: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    summary = Table(title="SFT data preflight", show_header=False)
+    preference = report.kind == "preference"
+    summary = Table(
+        title="Preference data preflight" if preference else "SFT data preflight", show_header=False
+    )
     summary.add_column("", style="bold")
     summary.add_column("")
+    rows = _preference_rows(report) if preference else _sft_rows(report)
+    rows += [("eval rows", str(report.eval_rows))] if report.eval_rows is not None else []
+    for key, value in rows:
+        summary.add_row(key, value)
+    console.print(summary)
+    if report.lengths:
+        console.print(_lengths_table(report, Table))
+    examples = [("Example", report.example)]
+    if preference:
+        examples = [
+            ("Example, chosen", report.example),
+            ("Example, rejected", report.example_rejected),
+        ]
+    for title, segments in examples:
+        if not segments:
+            continue
+        text = Text()
+        for chunk, trained in segments:
+            text.append(chunk, style="bold green" if trained else "dim")
+        console.print(Text(f"{title} (bold green = in the loss, dim = masked):", style="bold"))
+        console.print(text)
+    for problem in report.problems:
+        console.print(Text(f"PROBLEM: {problem}", style="bold red"))
+    for warning in report.warnings:
+        console.print(Text(f"warning: {warning}", style="yellow"))
+    if report.ok:
+        console.print(Text("No problems found.", style="green"))
+
+
+def _sft_rows(report: PreflightReport) -> list[tuple[str, str]]:
     s = report.stats
-    for key, value in [
+    return [
         ("source", report.source),
         ("format", report.format),
         ("rows read / convertible", f"{report.rows} / {report.valid_rows}"),
@@ -369,23 +411,30 @@ def render_report(report: PreflightReport, console: Any) -> None:
             f"{report.eot_token} ({'in' if report.eot_in_loss else 'NOT in'} the loss)",
         ),
         ("loss on", "responses only" if report.completion_only else "every token"),
-    ] + ([("eval rows", str(report.eval_rows))] if report.eval_rows is not None else []):
-        summary.add_row(key, value)
-    console.print(summary)
-    if report.lengths:
-        console.print(_lengths_table(report, Table))
-    if report.example:
-        text = Text()
-        for chunk, trained in report.example:
-            text.append(chunk, style="bold green" if trained else "dim")
-        console.print(Text("Example (bold green = in the loss, dim = masked):", style="bold"))
-        console.print(text)
-    for problem in report.problems:
-        console.print(Text(f"PROBLEM: {problem}", style="bold red"))
-    for warning in report.warnings:
-        console.print(Text(f"warning: {warning}", style="yellow"))
-    if report.ok:
-        console.print(Text("No problems found.", style="green"))
+    ]
+
+
+def _preference_rows(report: PreflightReport) -> list[tuple[str, str]]:
+    s = report.stats
+    return [
+        ("source", report.source),
+        ("format", report.format),
+        ("rows read / usable pairs", f"{report.rows} / {report.valid_rows}"),
+        ("kept for training", str(s.kept)),
+        (
+            f"truncation={report.truncation}",
+            f"{s.dropped_too_long} dropped, {s.truncated} prompts cut, "
+            f"{report.damaged} damaged (a response alone fills max_length)",
+        ),
+        ("prompts differ (dropped)", str(report.prompt_mismatch)),
+        ("chosen == rejected", str(report.identical_pairs)),
+        ("duplicate pairs", str(report.duplicates)),
+        ("empty responses", str(report.empty_targets)),
+        (
+            "end-of-turn token",
+            f"{report.eot_token} ({'in' if report.eot_in_loss else 'NOT in'} the responses)",
+        ),
+    ]
 
 
 def _lengths_table(report: PreflightReport, table_cls: Any) -> Any:
@@ -399,5 +448,6 @@ def _lengths_table(report: PreflightReport, table_cls: Any) -> Any:
             for v in cells
         ]
         table.add_row(name, *styled)
-    table.caption = f"{report.over_max_length} rows longer than max_length"
+    what = "pairs (prompt + longest response)" if report.kind == "preference" else "rows"
+    table.caption = f"{report.over_max_length} {what} longer than max_length"
     return table

@@ -17,9 +17,9 @@ from alignkit.ops.logps import label_positions, per_sequence_sum, target_logps
 
 class SequenceLogps(NamedTuple):
     token_logps: Tensor  # (N,) fp32 log-prob of each labelled token
-    rows: Tensor  # (N,) batch row of each labelled token
-    seq_logps: Tensor  # (B,) summed log-probs per sequence
-    seq_tokens: Tensor  # (B,) labelled tokens per sequence
+    rows: Tensor  # (N,) sequence (or segment) of each labelled token
+    seq_logps: Tensor  # (S,) summed log-probs per sequence or segment
+    seq_tokens: Tensor  # (S,) labelled tokens per sequence or segment
 
 
 def unwrap_hf(model: nn.Module) -> nn.Module:
@@ -68,27 +68,45 @@ class LogpsModel(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        labels: Tensor,
+        labels: Tensor | None = None,
         position_ids: Tensor | None = None,
         temperature: float = 1.0,
+        pred_rows: Tensor | None = None,
+        pred_cols: Tensor | None = None,
+        target_ids: Tensor | None = None,
+        segment: Tensor | None = None,
+        num_segments: int | None = None,
     ) -> SequenceLogps:
-        # input_ids, labels: (B, T); attention_mask: (B, T) or a 4D packed mask (B, 1, T, T)
+        """Log-probs of the labelled tokens, summed per sequence (or per segment).
+
+        input_ids: (B, T); attention_mask: (B, T) or a 4D block mask (B, 1, T, T).
+        Targets come either from `labels` (B, T) with the usual shift-by-one, or explicitly:
+        `pred_rows`, `pred_cols` (N,) name the hidden state that predicts each of `target_ids`
+        (N,), and `segment` (N,) in [0, num_segments) says which sum each one joins; prefix-shared
+        preference rows need this, since a rejected response's first token is predicted from
+        the prompt's last position, not from the token before it in the row.
+        """
         if position_ids is None:
             if attention_mask.dim() == 4:
                 raise ValueError("a packed (4D-mask) batch must come with its position_ids")
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
-        pos = label_positions(labels)
-        picked = hidden[pos.rows, pos.cols]  # (N, H): only the positions that predict a label
+        if labels is not None:
+            pos = label_positions(labels)
+            rows, cols, targets = pos.rows, pos.cols, pos.targets
+            segment, num_segments = rows, input_ids.shape[0]
+        else:
+            rows, cols, targets = pred_rows, pred_cols, target_ids
+            num_segments = int(num_segments) if num_segments is not None else input_ids.shape[0]
+        picked = hidden[rows, cols]  # (N, H): only the positions that predict a target
         weight = self._hf().get_output_embeddings().weight  # (V, H)
         logps = target_logps(
-            picked, weight, pos.targets, chunk_size=self.chunk_size, temperature=temperature
+            picked, weight, targets, chunk_size=self.chunk_size, temperature=temperature
         )
-        b = input_ids.shape[0]
         ones = torch.ones_like(logps)
         return SequenceLogps(
             logps,
-            pos.rows,
-            per_sequence_sum(logps, pos.rows, b),
-            per_sequence_sum(ones, pos.rows, b),
+            segment,
+            per_sequence_sum(logps, segment, num_segments),
+            per_sequence_sum(ones, segment, num_segments),
         )

@@ -72,16 +72,21 @@ class MetricSums:
     def add(self, out: StepOutput) -> None:
         for name, values in out.metrics.items():
             v = values.detach().float()
+            # NaN marks "no value for this example" (e.g. KTO's chosen reward of an
+            # undesirable example): excluded from both the sum and the count.
+            has = ~torch.isnan(v)
+            pair = torch.stack([v[has].sum(), has.sum().float()])
             prev = self.tensors.get(name)
-            pair = torch.stack([v.sum(), torch.tensor(float(v.numel()), device=v.device)])
             self.tensors[name] = pair if prev is None else prev + pair
 
-    def reduce(self, accelerator) -> dict[str, float]:
+    def reduce(self, accelerator, method=None) -> dict[str, float]:
         out = {}
         for name, pair in self.tensors.items():
             total = accelerator.reduce(pair, reduction="sum")
-            out[name] = (total[0] / total[1].clamp(min=1)).item()
-        return out
+            if total[1] > 0:
+                out[name] = (total[0] / total[1]).item()
+        finalize = getattr(method, "finalize_metrics", None)
+        return finalize(out) if finalize else out
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -218,7 +223,10 @@ class Trainer:
         total = self.acc.reduce(
             torch.stack([loss_sum, torch.tensor(units, device=loss_sum.device)]), reduction="sum"
         )
-        metrics = {"loss": (total[0] / total[1].clamp(min=1)).item(), **sums.reduce(self.acc)}
+        metrics = {
+            "loss": (total[0] / total[1].clamp(min=1)).item(),
+            **sums.reduce(self.acc, self.method),
+        }
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def accumulate(self, first: int, last: int) -> tuple[Tensor, Tensor, int, MetricSums]:
@@ -267,7 +275,7 @@ class Trainer:
             "learning_rate": self.scheduler.get_last_lr()[0],
             "epoch": self.stream.epoch_of(last),
             "tokens": int(totals[1].item()),
-            **sums.reduce(self.acc),
+            **sums.reduce(self.acc, self.method),
         }
 
     # -- the run --------------------------------------------------------------------------------

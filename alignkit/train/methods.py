@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from alignkit.config import RunConfig
+from alignkit.config import PAIR_METHODS, RunConfig
 from alignkit.train.loop import Method
 
 
@@ -22,6 +22,9 @@ class MethodSetup:
     lengths: list[int]  # per training example, for length-grouped batches
     wrap: Callable[[nn.Module], nn.Module]  # model -> the module the loop trains
     info: dict[str, Any] = field(default_factory=dict)  # data facts for summary.json
+    needs_reference: bool = False
+    # (module, batch) -> (S,) reference log-probs of the batch's responses, segment order
+    ref_logps: Callable[[nn.Module, dict], Any] | None = None
 
 
 def _sft(cfg: RunConfig, tokenizer) -> MethodSetup:
@@ -30,7 +33,23 @@ def _sft(cfg: RunConfig, tokenizer) -> MethodSetup:
     return build_sft(cfg, tokenizer)
 
 
-BUILDERS: dict[str, Callable[[RunConfig, Any], MethodSetup]] = {"sft": _sft}
+def _pairs(cfg: RunConfig, tokenizer) -> MethodSetup:
+    from alignkit.train.preference import build_pairs_method
+
+    return build_pairs_method(cfg, tokenizer)
+
+
+def _kto(cfg: RunConfig, tokenizer) -> MethodSetup:
+    from alignkit.train.kto import build_kto_method
+
+    return build_kto_method(cfg, tokenizer)
+
+
+BUILDERS: dict[str, Callable[[RunConfig, Any], MethodSetup]] = {
+    "sft": _sft,
+    **{name: _pairs for name in PAIR_METHODS},
+    "kto": _kto,
+}
 
 
 def build_method(cfg: RunConfig, tokenizer) -> MethodSetup:

@@ -135,11 +135,12 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
     run_dir = prepare_run_dir(cfg, acc.is_main_process)
     tokenizer = load_tokenizer(cfg.model)
     setup = build_method(cfg, tokenizer)
-    model = load_model(cfg.model, cfg.lora, device=acc.device)
-    if cfg.train.gradient_checkpointing:
-        from alignkit.train.forward import unwrap_hf
-
-        unwrap_hf(model).gradient_checkpointing_enable({"use_reentrant": False})
+    model = load_model(
+        cfg.model,
+        cfg.lora,
+        device=acc.device,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+    )
     params = count_parameters(model)
     if acc.is_main_process:
         log(
@@ -153,9 +154,16 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
         if acc.is_main_process
         else None
     )
+    wrapped = setup.wrap(model)
+    if setup.needs_reference:
+        from alignkit.train.reference import attach_reference
+
+        setup.info["reference"] = attach_reference(
+            cfg, setup, model, wrapped, acc, log if acc.is_main_process else (lambda m: None)
+        )
     trainer = Trainer(
         cfg,
-        setup.wrap(model),
+        wrapped,
         setup.method,
         setup.train,
         setup.eval,

@@ -1,0 +1,206 @@
+"""Batches for preference pairs and KTO, with explicit target positions.
+
+Two layouts for a pair (DESIGN.md, Performance):
+
+- plain (parity mode): ``2B`` rows, ``prompt + chosen`` for each pair and then ``prompt +
+  rejected``, padded on the side the builder is told (``padding_side``) with positions counted
+  from each row's first real token, so the padding side changes nothing;
+- prefix-shared: one row per pair, ``[prompt, chosen, rejected]``: the prompt is run once. Positions
+  restart after the prompt for the rejected part (prompt ``0..P-1``, chosen ``P..P+C-1``, rejected
+  ``P..P+R-1``) and a 4D mask hides the chosen tokens from the rejected ones, so every rejected
+  token sees exactly what it would see in its own plain row.
+
+In the shared row the first rejected token is predicted by the *last prompt token*, not by the
+token just before it (the chosen reply's end), so shift-by-one labels cannot describe the
+targets. Both layouts therefore return them explicitly, as flat (N,) tensors over all targets:
+``pred_rows``/``pred_cols`` index the hidden state that predicts each target, ``target_ids`` is
+the token, ``segment`` the response it belongs to: pair i's chosen reply is segment i, its rejected
+reply ``B + i`` (the plain layout's row numbers), so ``sum_by_segment`` gives the same (2B,)
+per-response sums from either layout, and one forward function serves both:
+``hidden[pred_rows, pred_cols]`` -> log-prob of ``target_ids`` -> ``sum_by_segment``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from alignkit.data.batching import additive_mask
+from alignkit.data.preference import KTOExample, PairExample
+from alignkit.data.tokenize import IGNORE_INDEX
+
+PaddingSide = Literal["right", "left"]
+_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+
+
+def _check_prompt(prompt_ids: list[int]) -> None:
+    if not prompt_ids:
+        # The first response token is predicted from the last prompt token; without one it is not.
+        raise ValueError("every example needs at least one prompt token")
+
+
+def _targets(
+    row: int, first_col: int, pred_first: int, ids: list[int], segment: int
+) -> dict[str, torch.Tensor]:
+    """Targets `ids` at columns first_col.. of `row`: the first predicted from column
+    `pred_first`, each later one from the column before it."""
+    n = len(ids)
+    cols = torch.arange(first_col, first_col + n)
+    pred = cols - 1
+    if n:
+        pred[0] = pred_first
+    return {
+        "pred_rows": torch.full((n,), row, dtype=torch.long),
+        "pred_cols": pred,
+        "target_ids": torch.tensor(ids, dtype=torch.long),
+        "segment": torch.full((n,), segment, dtype=torch.long),
+    }
+
+
+def _cat_targets(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    keys = ("pred_rows", "pred_cols", "target_ids", "segment")
+    empty = torch.zeros(0, dtype=torch.long)
+    return {k: torch.cat([p[k] for p in parts]) if parts else empty for k in keys}
+
+
+def collate_rows(
+    rows: list[tuple[list[int], list[int]]], pad_id: int, padding_side: PaddingSide = "right"
+) -> dict[str, torch.Tensor]:
+    """Rows of prompt + response: input_ids, attention_mask, labels, position_ids (N, T) and the
+    explicit targets (segment = row index). Labels are IGNORE_INDEX on prompt and padding."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    width = max(len(p) + len(r) for p, r in rows)
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((n_rows, width), dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    parts = []
+    for i, (prompt, response) in enumerate(rows):
+        _check_prompt(prompt)
+        n, p = len(prompt) + len(response), len(prompt)
+        start = width - n if padding_side == "left" else 0
+        input_ids[i, start : start + n] = torch.tensor(prompt + response, dtype=torch.long)
+        labels[i, start + p : start + n] = torch.tensor(response, dtype=torch.long)
+        attention_mask[i, start : start + n] = 1
+        # Positions count from the first real token whatever the padding side; right pads keep
+        # counting so RoPE never sees positions go backwards (they are masked anyway).
+        position_ids[i, start : start + n] = torch.arange(n)
+        if padding_side == "right":
+            position_ids[i, n:] = torch.arange(n, width)
+        parts.append(_targets(i, start + p, start + p - 1, response, segment=i))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "position_ids": position_ids,
+        **_cat_targets(parts),
+    }
+
+
+def collate_pairs(
+    examples: list[PairExample], pad_id: int, *, padding_side: PaddingSide = "right"
+) -> dict[str, torch.Tensor]:
+    """Plain layout: (2B, T) rows, chosen rows 0..B-1 then rejected rows B..2B-1, plus targets."""
+    rows = [(e.prompt_ids, e.chosen_ids) for e in examples]
+    rows += [(e.prompt_ids, e.rejected_ids) for e in examples]
+    return collate_rows(rows, pad_id, padding_side)
+
+
+def prefix_shared_mask(prompt: int, chosen: int, rejected: int, width: int) -> torch.Tensor:
+    """(T, T) bool, True = may attend, for a row [prompt, chosen, rejected, padding].
+
+    Prompt causal; chosen sees the prompt and earlier chosen tokens; rejected sees the prompt and
+    earlier rejected tokens, never the chosen ones. Padding sees only itself: a query with no
+    allowed key makes SDPA return NaN, which then leaks into real rows via 0 * NaN.
+    """
+    kind = torch.full((width,), _PAD, dtype=torch.long)
+    kind[:prompt] = _PROMPT
+    kind[prompt : prompt + chosen] = _CHOSEN
+    kind[prompt + chosen : prompt + chosen + rejected] = _REJECTED
+    q, k = kind[:, None], kind[None, :]  # (T, 1) queries, (1, T) keys
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    real = causal & (q != _PAD) & ((k == _PROMPT) | (q == k))
+    pad_self = torch.eye(width, dtype=torch.bool) & (q == _PAD)
+    return real | pad_self
+
+
+def collate_pairs_shared(
+    examples: list[PairExample], pad_id: int, *, mask_dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Prefix-shared layout: input_ids, position_ids (B, T), attention_mask (B, 1, T, T), targets.
+
+    The mask is boolean (True = may attend) unless `mask_dtype` is a float dtype, then additive
+    (0 / dtype minimum), as eager attention needs (see :mod:`alignkit.data.batching`).
+    """
+    batch = len(examples)
+    width = max(e.shared_len for e in examples)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    mask = torch.zeros((batch, 1, width, width), dtype=torch.bool)
+    chosen_parts, rejected_parts = [], []
+    for i, e in enumerate(examples):
+        _check_prompt(e.prompt_ids)
+        p, c, r = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
+        n = p + c + r
+        input_ids[i, :n] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
+        # The rejected reply continues the prompt at position P, as in its own plain row.
+        position_ids[i, : p + c] = torch.arange(p + c)
+        position_ids[i, p + c : n] = torch.arange(p, p + r)
+        position_ids[i, n:] = torch.arange(p + max(c, r), p + max(c, r) + width - n)
+        mask[i, 0] = prefix_shared_mask(p, c, r, width)
+        chosen_parts.append(_targets(i, p, p - 1, e.chosen_ids, segment=i))
+        # The first rejected token is predicted from the last prompt token (column P-1).
+        rejected_parts.append(_targets(i, p + c, p - 1, e.rejected_ids, segment=batch + i))
+    attention_mask: torch.Tensor = mask
+    if mask_dtype is not None and mask_dtype.is_floating_point:
+        attention_mask = additive_mask(mask, mask_dtype)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        **_cat_targets(chosen_parts + rejected_parts),
+    }
+
+
+def sum_by_segment(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """(N,) per-target values -> (num_segments,) sums (e.g. per-response log-probs, 2B)."""
+    out = values.new_zeros(num_segments)
+    return out.index_add(0, segment, values)
+
+
+def _kl_row(prompt: list[int], completion: list[int], max_length: int | None):
+    """A mismatched prompt + completion cut to max_length: the prompt's left side first."""
+    if max_length is None or len(prompt) + len(completion) <= max_length:
+        return prompt, completion
+    room = max(1, max_length - len(completion))
+    return prompt[-room:], completion[: max_length - room]
+
+
+def collate_kto(
+    examples: list[KTOExample],
+    pad_id: int,
+    *,
+    padding_side: PaddingSide = "right",
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """KTO batch: rows of prompt + completion (plain layout, segment = row), ``desirable`` (B,)
+    bool, and the same tensors prefixed ``kl_`` for the KL reference rows.
+
+    KTO (Ethayarajh et al. 2024, sec. 4.1) estimates the reference point z0 = KL(policy || ref)
+    from mismatched pairs: prompt i with the completion of example (i + 1) mod B, as TRL does.
+    A batch of one has no mismatched completion (its KL row is its own): use B >= 2. A mismatched
+    row can exceed the limit each example was fitted to, so pass `max_length` to cut it.
+    """
+    batch = len(examples)
+    out = collate_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_id, padding_side)
+    out["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
+    kl_rows = [
+        _kl_row(e.prompt_ids, examples[(i + 1) % batch].completion_ids, max_length)
+        for i, e in enumerate(examples)
+    ]
+    for key, value in collate_rows(kl_rows, pad_id, padding_side).items():
+        out[f"kl_{key}"] = value
+    return out

@@ -1,0 +1,128 @@
+"""KTO for unpaired thumbs-up/down data (Ethayarajh et al. 2024).
+
+KTO's reference point z0 is KL(policy || reference), estimated from mismatched prompt/completion
+pairs. Each example's mismatched completion is fixed once, when the data is loaded (example i
+takes the completion of example i + 1 in the shuffled dataset), rather than drawn from whatever
+micro-batch it lands in: the estimate has the same expectation, and the reference log-probs of
+the mismatched rows can then be precomputed and cached like every other reference log-prob.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from alignkit.config import RunConfig
+from alignkit.data.pair_batching import collate_rows
+from alignkit.data.preference import KTOExample
+from alignkit.losses import KTOLogps, kto, kto_kl_estimate
+from alignkit.train.forward import LogpsModel
+from alignkit.train.loop import StepOutput
+from alignkit.train.preference import Indexed, segment_logps
+
+
+class KTOItem(NamedTuple):
+    example: KTOExample
+    kl_completion_ids: list[int]  # another example's completion, for the KL estimate
+
+
+def fit_kl_row(prompt: list[int], completion: list[int], max_length: int):
+    """A mismatched row can exceed the limit its parts were fitted to: cut the prompt's left."""
+    if len(prompt) + len(completion) <= max_length:
+        return prompt, completion
+    room = max(1, max_length - len(completion))
+    return prompt[-room:], completion[: max_length - room]
+
+
+def with_mismatched(examples: list[KTOExample], seed: int) -> list[KTOItem]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    return [KTOItem(ex, examples[partner[i]].completion_ids) for i, ex in enumerate(examples)]
+
+
+class KTOMethod:
+    """KTO loss per example; the normalisation unit is the example."""
+
+    def __init__(self, params: dict, pad_id: int, max_length: int):
+        self.params, self.pad_id, self.max_length = params, pad_id, max_length
+        self.reference = None  # set by attach_reference
+
+    def collate(self, items: list[Indexed]) -> dict[str, Any]:
+        """Rows 0..B-1: prompt + completion; rows B..2B-1: prompt + mismatched completion."""
+        kto_items: list[KTOItem] = [it.example for it in items]
+        rows = [(k.example.prompt_ids, k.example.completion_ids) for k in kto_items]
+        rows += [
+            fit_kl_row(k.example.prompt_ids, k.kl_completion_ids, self.max_length)
+            for k in kto_items
+        ]
+        batch = collate_rows(rows, self.pad_id)
+        batch["desirable"] = torch.tensor([k.example.desirable for k in kto_items])
+        batch["split"] = items[0].split
+        batch["index"] = torch.tensor([it.index for it in items])
+        return batch
+
+    def units(self, batch: dict[str, Any]) -> float:
+        return float(len(batch["index"]))
+
+    def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        b = len(batch["index"])
+        logps, _ = segment_logps(model, batch, 2 * b)  # (2B,) matched rows, then mismatched
+        ref = self.reference(batch)  # (2B,)
+        # z0 is a constant of the loss (no gradient through it), as in the paper.
+        kl = kto_kl_estimate(logps[b:].detach(), ref[b:])
+        out = kto(KTOLogps(logps[:b], ref[:b], batch["desirable"], kl), **self.params)
+        m = out.metrics
+        nan = torch.full_like(m["kl"], float("nan"))
+        # Per-example values, NaN where the example is of the other kind: the loop averages
+        # over the examples that have a value, so each mean is over its own kind only.
+        metrics = {
+            "rewards/chosen": torch.where(m["count/chosen"] > 0, m["rewards/chosen_sum"], nan),
+            "rewards/rejected": torch.where(
+                m["count/rejected"] > 0, m["rewards/rejected_sum"], nan
+            ),
+            "logps/chosen": torch.where(m["count/chosen"] > 0, m["logps/chosen_sum"], nan),
+            "logps/rejected": torch.where(m["count/rejected"] > 0, m["logps/rejected_sum"], nan),
+            "kl": m["kl"],
+        }
+        return StepOutput(out.losses.sum(), metrics, int(batch["attention_mask"][:b].sum()))
+
+    @staticmethod
+    def finalize_metrics(metrics: dict[str, float]) -> dict[str, float]:
+        if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        return metrics
+
+
+def kto_lengths(items: list[KTOItem]) -> list[int]:
+    return [len(k.example.prompt_ids) + len(k.example.completion_ids) for k in items]
+
+
+def build_kto_method(cfg: RunConfig, tokenizer) -> Any:
+    from alignkit.data.preference import load_kto_data
+    from alignkit.train.methods import MethodSetup
+
+    data = load_kto_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_items = with_mismatched(data.train, cfg.train.seed)
+    eval_items = with_mismatched(data.eval, cfg.train.seed) if data.eval else []
+    n_d = sum(ex.desirable for ex in data.train)
+    stats = {k: v for k, v in vars(data.stats).items() if not k.startswith("_")}
+    return MethodSetup(
+        method=KTOMethod(cfg.method_params(), pad_id, cfg.data.max_length),
+        train=[Indexed("train", i, it) for i, it in enumerate(train_items)],
+        eval=[Indexed("eval", i, it) for i, it in enumerate(eval_items)],
+        lengths=kto_lengths(train_items),
+        wrap=lambda m: LogpsModel(m, chunk_size=cfg.train.logps_chunk_size),
+        info={
+            "format": data.format,
+            **stats,
+            "desirable": n_d,
+            "undesirable": len(data.train) - n_d,
+        },
+        needs_reference=True,
+        ref_logps=lambda module, batch: segment_logps(module, batch, 2 * len(batch["index"]))[0],
+    )
