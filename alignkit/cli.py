@@ -129,21 +129,24 @@ def data_check(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Preflight a data file: format, lengths, truncation, duplicates, label mask."""
-    from alignkit.config import DataConfig, ModelConfig
-    from alignkit.data import preflight_sft, render_report
+    from alignkit.config import METHODS, DataConfig, ModelConfig
+    from alignkit.data import preflight_preference, preflight_sft, render_report
     from alignkit.models import load_tokenizer
 
     try:
-        if method != "sft":
+        if method not in METHODS:
             raise AlignkitError(
-                f"data check for method '{method}' is not available yet", hint="use --method sft"
+                f"unknown method '{method}'", hint=f"use one of: {', '.join(METHODS)}"
             )
         cmap = dict(_split_pair(p) for p in column_map or [])
         dcfg = DataConfig(
             train=file, format=fmt, column_map=cmap, max_length=max_length, truncation=truncation
         )
         tok = load_tokenizer(ModelConfig(name=model))
-        report = preflight_sft(dcfg, tok)
+        # KTO reads pairs too (unpaired on load); its own prompt/completion/label rows are
+        # checked as they are read for training.
+        check = preflight_sft if method == "sft" else preflight_preference
+        report = check(dcfg, tok)
     except AlignkitError as exc:
         _fail(exc)
     except ValidationError as exc:  # pydantic validation of the options

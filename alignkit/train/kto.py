@@ -21,7 +21,7 @@ from alignkit.data.preference import KTOExample
 from alignkit.losses import KTOLogps, kto, kto_kl_estimate
 from alignkit.train.forward import LogpsModel
 from alignkit.train.loop import StepOutput
-from alignkit.train.preference import Indexed, segment_logps
+from alignkit.train.preference import Indexed, count_examples, segment_logps, tag_batch
 
 
 class KTOItem(NamedTuple):
@@ -61,12 +61,9 @@ class KTOMethod:
         ]
         batch = collate_rows(rows, self.pad_id)
         batch["desirable"] = torch.tensor([k.example.desirable for k in kto_items])
-        batch["split"] = items[0].split
-        batch["index"] = torch.tensor([it.index for it in items])
-        return batch
+        return tag_batch(batch, items)
 
-    def units(self, batch: dict[str, Any]) -> float:
-        return float(len(batch["index"]))
+    units = staticmethod(count_examples)
 
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         b = len(batch["index"])

@@ -32,6 +32,18 @@ class Indexed(NamedTuple):
     example: Any
 
 
+def tag_batch(batch: dict[str, Any], items: list[Indexed]) -> dict[str, Any]:
+    """Mark a collated batch with where its examples come from (for cached references)."""
+    batch["split"] = items[0].split
+    batch["index"] = torch.tensor([it.index for it in items])
+    return batch
+
+
+def count_examples(batch: dict[str, Any]) -> float:
+    """Normalisation unit of the pair and KTO methods: the example."""
+    return float(len(batch["index"]))
+
+
 def segment_logps(model: nn.Module, batch: dict[str, Tensor], num_segments: int):
     """(S,) per-response summed log-probs and token counts from explicit targets."""
     out = model(
@@ -76,12 +88,9 @@ class PairMethod:
             batch = collate_pairs_shared(examples, self.pad_id)
         else:
             batch = collate_pairs(examples, self.pad_id)
-        batch["split"] = items[0].split
-        batch["index"] = torch.tensor([it.index for it in items])
-        return batch
+        return tag_batch(batch, items)
 
-    def units(self, batch: dict[str, Any]) -> float:
-        return float(len(batch["index"]))
+    units = staticmethod(count_examples)
 
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         b = len(batch["index"])

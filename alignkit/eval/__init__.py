@@ -1,0 +1,1 @@
+"""Evaluation: proof that a model got better."""
