@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,12 @@ def alignkit_overrides(spec: dict[str, Any], output_dir: str) -> list[str]:
 def run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
     _importable_alignkit()
     _set_threads(spec)
+    # What run_training imports lazily, imported here so setup_s counts no imports (like TRL's)
+    import accelerate  # noqa: F401
+
+    import alignkit.models.load  # noqa: F401
+    import alignkit.monitor.loggers  # noqa: F401
+    import alignkit.train.sft  # noqa: F401
     from alignkit.config import load_config
     from alignkit.train.run import run_training
 
@@ -131,22 +138,30 @@ def run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
         # run_training logs once, after tokenizer, data, model and LoRA are ready and before the
         # loop: the split between setup and training without reaching into alignkit.
         ready.setdefault("t", time.perf_counter())
+        ready.setdefault("cpu", time.process_time())
         ready.setdefault("rss", peak_rss_mb())
+        ready.setdefault("load", os.getloadavg()[0])
         print(message, flush=True)
 
     t0 = time.perf_counter()
     summary = run_training(cfg, log=log)
     total = time.perf_counter() - t0
+    cpu_end = time.process_time()
+    load_end = os.getloadavg()[0]
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r and r.get("step", 0) > 0]
     return {
         "framework": "alignkit",
         "setup_s": ready["t"] - t0 if ready else None,
         "train_s": summary["wall_time_s"],
+        # CPU seconds of all threads from the end of setup to the return of run_training: the loop
+        # plus optimizer set-up and saving final/ (a LoRA adapter: well under a second)
+        "train_cpu_s": cpu_end - ready["cpu"] if ready else None,
         "total_s": total,  # setup + loop + saving final/
         "rss_before_train_mb": ready.get("rss"),
         "peak_rss_mb": peak_rss_mb(),
         "peak_cuda_mb": _cuda_peak_mb(),
+        "load_avg": [ready.get("load"), load_end],  # 1-minute system load, loop start and end
         "steps": len(steps),
         "tokens": summary["train_tokens"],
         "losses": [r["loss"] for r in steps],
@@ -237,11 +252,12 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         begin = end = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.begin = time.perf_counter()
-            self.rss = peak_rss_mb()
+            self.begin, self.cpu_begin = time.perf_counter(), time.process_time()
+            self.load_begin = os.getloadavg()[0]
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.end = time.perf_counter()
+            self.end, self.cpu_end = time.perf_counter(), time.process_time()
+            self.load_end = os.getloadavg()[0]
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
@@ -274,10 +290,12 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "setup_s": ready - t0,
         "load_s": loaded - t0,  # tokenizer + model; the rest of setup_s is LoRA + dataset prep
         "train_s": timer.end - timer.begin,
+        "train_cpu_s": timer.cpu_end - timer.cpu_begin,
         "total_s": total,
         "rss_before_train_mb": rss_ready,
         "peak_rss_mb": peak_rss_mb(),
         "peak_cuda_mb": _cuda_peak_mb(),
+        "load_avg": [timer.load_begin, timer.load_end],
         "steps": len(logs),
         "tokens": int(tokens[-1]) if tokens else None,
         "losses": [h["loss"] for h in logs],
@@ -327,7 +345,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+    load = "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, {load}"
 
 
 def versions() -> dict[str, str]:
@@ -342,7 +361,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_child(name: str, spec_path: Path, workdir: Path, device: str) -> dict[str, Any]:
+def run_child(name: str, spec_path: Path, device: str) -> dict[str, Any]:
+    workdir = spec_path.parent
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if device == "cpu":
@@ -358,12 +378,37 @@ def run_child(name: str, spec_path: Path, workdir: Path, device: str) -> dict[st
     return json.loads((workdir / f"{name}.json").read_text())
 
 
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeats of one framework: median times, largest peak memory, the first run's losses
+    (seeded, so every repeat has the same ones)."""
+    out = dict(runs[0])
+    if len(runs) > 1:
+        for key in ("train_s", "train_cpu_s", "setup_s"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            out[key] = statistics.median(values) if values else None
+            out[f"{key}_all"] = values
+        for key in ("peak_rss_mb", "rss_before_train_mb"):
+            out[key] = max(r[key] for r in runs)
+        out["load_avg"] = [r["load_avg"] for r in runs]
+    return out
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a is not None and b else "-"
+    return _num(_div(a, b), ".2f")
 
 
 def _num(x: float | None, fmt: str) -> str:
     return format(x, fmt) if x is not None else "-"
+
+
+def _loads(result: dict[str, Any]) -> str:
+    load = result.get("load_avg") or []
+    pairs = load if load and isinstance(load[0], list) else [load]  # one pair per repeat
+    return ", ".join(" -> ".join(_num(x, ".1f") for x in pair) for pair in pairs)
 
 
 def report(ak: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any]:
@@ -371,6 +416,7 @@ def report(ak: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any]:
     diffs = [abs(a - t) for a, t in zip(ak["losses"][:n], trl["losses"][:n], strict=True)]
     rows = [
         ("training loop wall time (s)", "train_s", ".2f"),
+        ("training loop CPU time, all threads (s)", "train_cpu_s", ".2f"),
         ("setup: tokenizer+data+model+LoRA (s)", "setup_s", ".2f"),
         ("peak RSS (MB)", "peak_rss_mb", ".0f"),
         ("peak RSS before the loop (MB)", "rss_before_train_mb", ".0f"),
@@ -388,20 +434,23 @@ def report(ak: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any]:
     print(f"\n{'step':>4s} {'alignkit loss':>14s} {'TRL loss':>10s} {'|diff|':>8s}")
     for i in range(n):
         print(f"{i + 1:4d} {ak['losses'][i]:14.4f} {trl['losses'][i]:10.4f} {diffs[i]:8.4f}")
+    # Times on a shared machine depend on what else runs: show the load each loop ran under
+    print(f"\n1-min load average, loop start -> end: alignkit {_loads(ak)}; TRL {_loads(trl)}")
     summary = {
-        "wall_time_ratio": ak["train_s"] / trl["train_s"],
-        "peak_rss_ratio": ak["peak_rss_mb"] / trl["peak_rss_mb"],
+        "wall_time_ratio": _div(ak["train_s"], trl["train_s"]),
+        "cpu_time_ratio": _div(ak.get("train_cpu_s"), trl.get("train_cpu_s")),
+        "peak_rss_ratio": _div(ak["peak_rss_mb"], trl["peak_rss_mb"]),
         "final_loss_alignkit": ak["losses"][-1],
         "final_loss_trl": trl["losses"][-1],
         "max_abs_loss_diff": max(diffs) if diffs else None,
         "step1_abs_loss_diff": diffs[0] if diffs else None,
     }
-    max_diff = _num(summary["max_abs_loss_diff"], ".4f")
-    step1 = _num(summary["step1_abs_loss_diff"], ".4f")
+    shown = {k: _num(v, ".2f" if k.endswith("ratio") else ".4f") for k, v in summary.items()}
     print(
-        f"\nwall-time ratio {summary['wall_time_ratio']:.2f}, peak-RSS ratio "
-        f"{summary['peak_rss_ratio']:.2f}, final loss {summary['final_loss_alignkit']:.4f} vs "
-        f"{summary['final_loss_trl']:.4f}, max |loss diff| {max_diff} (step 1: {step1})"
+        f"\nwall-time ratio {shown['wall_time_ratio']} (CPU time {shown['cpu_time_ratio']}), "
+        f"peak-RSS ratio {shown['peak_rss_ratio']}, final loss {shown['final_loss_alignkit']} vs "
+        f"{shown['final_loss_trl']}, max |loss diff| {shown['max_abs_loss_diff']} "
+        f"(step 1: {shown['step1_abs_loss_diff']})"
     )
     return summary
 
@@ -429,6 +478,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="trl: TRL tokenizes the chat rows itself; alignkit: TRL gets alignkit's ids/labels",
     )
     p.add_argument("--first", choices=["alignkit", "trl"], default="alignkit")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="run both N times, alternating; median times"
+    )
     p.add_argument("--workdir", type=Path, default=None, help="default: a new temp directory")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
     p.add_argument("--child", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
@@ -438,6 +490,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.repeats < 1 or args.steps < 1:
+        raise SystemExit("--repeats and --steps must be at least 1")
     if args.child:
         child_main(args.child, args.spec)
         return
@@ -468,8 +522,6 @@ def main(argv: list[str] | None = None) -> None:
         "device": args.device,
         "trl_tokens": args.trl_tokens,
     }
-    spec_path = workdir / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
     print(f"[bench] {machine()}")
     print(f"[bench] {json.dumps(versions())}")
     print(
@@ -486,7 +538,16 @@ def main(argv: list[str] | None = None) -> None:
             "not line up with it: the loss curves compare different batches from there on"
         )
     names = ["alignkit", "trl"] if args.first == "alignkit" else ["trl", "alignkit"]
-    results = {name: run_child(name, spec_path, workdir, args.device) for name in names}
+    runs: dict[str, list[dict[str, Any]]] = {"alignkit": [], "trl": []}
+    for r in range(args.repeats):
+        run_dir = workdir / f"run{r + 1}"
+        run_dir.mkdir(exist_ok=True)
+        run_spec = run_dir / "spec.json"
+        run_spec.write_text(json.dumps({**spec, "workdir": str(run_dir)}, indent=2))
+        # ABBA...: alternate which framework goes first, so a drift in machine load is shared
+        for name in names if r % 2 == 0 else names[::-1]:
+            runs[name].append(run_child(name, run_spec, args.device))
+    results = {name: combine(found) for name, found in runs.items()}
     ak, trl = results["alignkit"], results["trl"]
     kept = ak["data"].get("kept")
     if kept is not None and kept != rows:

@@ -78,3 +78,15 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.fail(f"shared data not found at {DATA}: CI must place ../shared beside the repo")
     return DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests (long real-model runs) run only with ALIGNKIT_SLOW=1."""
+    import os
+
+    if os.environ.get("ALIGNKIT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="long real-model run: set ALIGNKIT_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

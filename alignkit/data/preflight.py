@@ -369,7 +369,7 @@ def render_report(report: PreflightReport, console: Any) -> None:
     rows = _preference_rows(report) if preference else _sft_rows(report)
     rows += [("eval rows", str(report.eval_rows))] if report.eval_rows is not None else []
     for key, value in rows:
-        summary.add_row(key, value)
+        summary.add_row(key, Text(value))  # a path or token is text: "[/x]" is not markup
     console.print(summary)
     if report.lengths:
         console.print(_lengths_table(report, Table))

@@ -11,7 +11,9 @@ import pytest
 from alignkit.config import load_config
 from alignkit.train.run import run_training
 
-pytestmark = pytest.mark.e2e
+# Not yet calibrated on a quiet machine (each run is several minutes of real-model training on
+# 2 cores): opt-in until its thresholds are measured, see ALIGNKIT_SLOW in tests/conftest.py.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TRAIN_ROWS = 160
 HELD_OUT = 48
