@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from alignkit.errors import ConfigError
 
@@ -92,6 +99,12 @@ class TrainConfig(Section):
     sample_prompts: list[str] = Field(default_factory=list)
     sample_max_new_tokens: int = Field(128, gt=0)
     progress: bool = True
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means "no".
+        return "no" if value is False else value
 
 
 class SFTConfig(Section):

@@ -118,7 +118,8 @@ def end_of_turn_probs(model, tokenizer, rows: list[dict]) -> list[float]:
         text = tokenizer.apply_chat_template(chat, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, T)
         end = int((ids[0] == eot).nonzero()[-1])  # the answer's end-of-turn token
-        logits = model(input_ids=ids[:, :end]).logits[0, -1]  # (V,) prediction for position end
+        # (V,) the prediction for position `end`; logits_to_keep=1 skips the LM head elsewhere
+        logits = model(input_ids=ids[:, :end], logits_to_keep=1).logits[0, -1]
         probs.append(float(logits.float().softmax(-1)[eot]))
     return probs
 

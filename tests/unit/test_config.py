@@ -60,3 +60,11 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["train.lr=3e-4", "lora.target_modules=[q_proj, v_proj]"])
     again = load_config(write(tmp_path, cfg.to_yaml()))
     assert again == cfg
+
+
+def test_yaml_bare_no_for_mixed_precision(tmp_path):
+    assert (
+        load_config(write(tmp_path, "train:\n  mixed_precision: no\n")).train.mixed_precision
+        == "no"
+    )
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
