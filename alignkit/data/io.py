@@ -231,12 +231,14 @@ def _read_parquet(path: Path, limit: int | None) -> LocatedRecords:
     return LocatedRecords(rows, [f"{path}:row {i + 1}" for i in range(len(rows))])
 
 
-def _read_hub(name: str, split: str, limit: int | None) -> LocatedRecords:
+def _read_hub(source: str, split: str, limit: int | None) -> LocatedRecords:
+    """A hub dataset, written `org/name` or `org/name:config` for one that has configs."""
     import datasets
 
+    name, _, config = source.partition(":")
     sliced = f"{split}[:{limit}]" if limit is not None else split
     try:
-        ds = datasets.load_dataset(name, split=sliced)
+        ds = datasets.load_dataset(name, config or None, split=sliced)
     except (ConnectionError, OSError) as exc:
         raise DataError(
             f"could not load hub dataset '{name}' ({str(exc).splitlines()[0]})",
@@ -247,8 +249,8 @@ def _read_hub(name: str, split: str, limit: int | None) -> LocatedRecords:
         raise DataError(
             f"could not load split '{split}' of hub dataset '{name}' ({exc})",
             where=name,
-            hint="check data.split; a dataset that needs a config name is not supported yet: "
-            "save the split to a file and point data.train at it",
+            hint="check data.split; a dataset with several configs is written "
+            "org/name:config (for example openai/gsm8k:main)",
         ) from None
     rows = [dict(r) for r in ds]
-    return LocatedRecords(rows, [f"{name}[{split}]:row {i + 1}" for i in range(len(rows))])
+    return LocatedRecords(rows, [f"{source}[{split}]:row {i + 1}" for i in range(len(rows))])

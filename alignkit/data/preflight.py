@@ -82,6 +82,9 @@ class PreflightReport:
     identical_pairs: int = 0  # chosen == rejected
     damaged: int = 0  # a response alone leaves no room for the prompt within max_length
     example_rejected: list[tuple[str, bool]] = field(default_factory=list)
+    # PPO prompts (kind="prompts"): stats is then a PromptStats, `example` the rendered prompt.
+    prompt_budget: int | None = None  # data.max_length minus ppo.max_new_tokens
+    empty_prompts: int = 0
 
     @property
     def ok(self) -> bool:
@@ -361,12 +364,16 @@ def render_report(report: PreflightReport, console: Any) -> None:
     from rich.text import Text
 
     preference = report.kind == "preference"
-    summary = Table(
-        title="Preference data preflight" if preference else "SFT data preflight", show_header=False
-    )
+    titles = {"preference": "Preference data preflight", "prompts": "PPO prompt preflight"}
+    summary = Table(title=titles.get(report.kind, "SFT data preflight"), show_header=False)
     summary.add_column("", style="bold")
     summary.add_column("")
-    rows = _preference_rows(report) if preference else _sft_rows(report)
+    if report.kind == "prompts":
+        from alignkit.data.prompt_preflight import prompt_rows  # that module imports this one
+
+        rows = prompt_rows(report)
+    else:
+        rows = _preference_rows(report) if preference else _sft_rows(report)
     rows += [("eval rows", str(report.eval_rows))] if report.eval_rows is not None else []
     for key, value in rows:
         summary.add_row(key, Text(value))  # a path or token is text: "[/x]" is not markup
@@ -385,7 +392,10 @@ def render_report(report: PreflightReport, console: Any) -> None:
         text = Text()
         for chunk, trained in segments:
             text.append(chunk, style="bold green" if trained else "dim")
-        console.print(Text(f"{title} (bold green = in the loss, dim = masked):", style="bold"))
+        legend = "bold green = in the loss, dim = masked"
+        if report.kind == "prompts":
+            title, legend = "Example prompt", "as rendered; the response is generated after it"
+        console.print(Text(f"{title} ({legend}):", style="bold"))
         console.print(text)
     for problem in report.problems:
         console.print(Text(f"PROBLEM: {problem}", style="bold red"))
@@ -439,15 +449,18 @@ def _preference_rows(report: PreflightReport) -> list[tuple[str, str]]:
 
 def _lengths_table(report: PreflightReport, table_cls: Any) -> Any:
     table = table_cls(title=f"Tokens per row (max_length={report.max_length})")
+    # PPO prompts are held to the budget the response leaves, not to max_length itself
+    prompts = report.kind == "prompts"
+    limit = (report.prompt_budget or 0) if prompts else report.max_length
+    flagged = "prompt" if prompts else "total"
     for col in ("", "min", "p50", "p90", "p99", "max"):
         table.add_column(col, justify="right" if col else "left")
     for name, stats in report.lengths.items():
         cells = [stats.min, stats.p50, stats.p90, stats.p99, stats.max]
-        styled = [
-            f"[red]{v}[/red]" if name == "total" and v > report.max_length else str(v)
-            for v in cells
-        ]
+        styled = [f"[red]{v}[/red]" if name == flagged and v > limit else str(v) for v in cells]
         table.add_row(name, *styled)
     what = "pairs (prompt + longest response)" if report.kind == "preference" else "rows"
     table.caption = f"{report.over_max_length} {what} longer than max_length"
+    if prompts:
+        table.caption = f"{report.over_max_length} prompts longer than the prompt budget ({limit})"
     return table

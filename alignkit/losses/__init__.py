@@ -12,6 +12,7 @@ from alignkit.losses.preference import (
     robust_dpo,
     simpo,
 )
+from alignkit.losses.reward import bradley_terry
 from alignkit.losses.sft import sft_loss
 from alignkit.losses.types import LossOutput
 
@@ -20,6 +21,7 @@ __all__ = [
     "KTOLogps",
     "LossOutput",
     "PairLogps",
+    "bradley_terry",
     "dpo",
     "hinge",
     "ipo",

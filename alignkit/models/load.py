@@ -16,7 +16,12 @@ from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from alignkit.config import LoraConfig, ModelConfig
 from alignkit.errors import ConfigError, ModelError
@@ -216,6 +221,12 @@ def _load_errors(resolved: ResolvedModel) -> Iterator[None]:
             hint="use lora.qlora=true, a bf16/fp16 model.dtype, or a smaller model",
         ) from exc
     except (ValueError, RuntimeError, KeyError) as exc:
+        if resolved.gguf_file:  # an empty, cut-short or foreign file with a .gguf name
+            where = Path(resolved.path) / resolved.gguf_file
+            raise ModelError(
+                f"'{where}' is not a readable GGUF file: {_first_line(exc)}",
+                hint="download or convert the GGUF file again",
+            ) from exc
         # unknown model_type, weights that do not fit the config (size mismatch), ...
         raise ModelError(
             f"could not load the model from '{resolved.path}': {_first_line(exc)}",
@@ -276,7 +287,11 @@ def _load_gguf(path: str, gguf_file: str, kwargs: dict[str, Any]) -> PreTrainedM
 
 
 def _load_base(
-    resolved: ResolvedModel, cfg: ModelConfig, device: torch.device, quantize: bool
+    resolved: ResolvedModel,
+    cfg: ModelConfig,
+    device: torch.device,
+    quantize: bool,
+    head: str = "lm",
 ) -> PreTrainedModel:
     dtype = pick_dtype(cfg.dtype, device)
     path = _local_path(resolved)
@@ -295,7 +310,16 @@ def _load_base(
         # 4-bit weights are quantized as they are placed, so they must be loaded on the device
         kwargs["device_map"] = {"": device}
     with _load_errors(resolved):
-        if resolved.gguf_file:
+        if head == "reward":
+            # One scalar output: transformers' `score` head, new (random) on a causal LM
+            if resolved.gguf_file:
+                raise ModelError(
+                    "a reward model cannot start from a GGUF file",
+                    where="model.name",
+                    hint="export it to a model directory first (alignkit export)",
+                )
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        elif resolved.gguf_file:
             model = _load_gguf(path, resolved.gguf_file, kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -321,8 +345,12 @@ def load_model(
     device: torch.device | str = "cpu",
     for_training: bool = True,
     gradient_checkpointing: bool = False,
+    head: str = "lm",
 ) -> PreTrainedModel:
     """Load the model ready to train.
+
+    ``head="reward"`` loads a sequence-classification model with one output (a reward model:
+    the LM head replaced by a scalar ``score`` head); its LoRA adapter keeps that head trainable.
 
     - LoRA disabled: full fine-tuning, every parameter trainable.
     - ``lora.enabled``: base frozen, a peft LoRA adapter trainable (a ``PeftModel``).
@@ -345,7 +373,7 @@ def load_model(
             where="model.name",
             hint="merge it into its base first (alignkit export), then train from the result",
         )
-    model = _load_base(resolved, cfg, device, quantize=lora.qlora)
+    model = _load_base(resolved, cfg, device, quantize=lora.qlora, head=head)
     if not for_training:
         model.requires_grad_(False)
         return model.eval()
@@ -357,7 +385,7 @@ def load_model(
     if gradient_checkpointing:
         _enable_checkpointing(model)
     if lora.enabled:
-        model = apply_lora(model, lora)
+        model = apply_lora(model, lora, "SEQ_CLS" if head == "reward" else "CAUSAL_LM")
     else:
         model.requires_grad_(True)
     model.train()

@@ -48,8 +48,11 @@ def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
         )
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> PeftModel:
     """Wrap ``model`` in a peft LoRA adapter; the base weights are frozen, the adapter trainable.
+
+    ``task_type="SEQ_CLS"`` (reward models) makes peft keep the scalar ``score`` head fully
+    trainable and saved with the adapter (``modules_to_save``), and never wrap it in LoRA.
 
     ``"all-linear"`` is passed to peft as is: every linear layer except the output head, which
     matters for tied embeddings (an adapter on ``lm_head`` would, once merged, also change the
@@ -65,7 +68,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         lora_dropout=cfg.dropout,
         target_modules=targets,
         bias="none",
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType(task_type),
     )
     try:
         return get_peft_model(model, peft_cfg)

@@ -56,6 +56,12 @@ def resolve_model(name: str, gguf_file: str | None = None) -> ResolvedModel:
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ResolvedModel(str(path.parent), path.name, "gguf")
+    if path.is_file():
+        raise ModelError(
+            f"'{path}' is a file, not a model",
+            hint="use a model directory (config.json and weights), a .gguf file, a hub id or "
+            f"an alias: {', '.join(ALIASES)}",
+        )
     if path.is_dir():
         if gguf_file:
             if not (path / gguf_file).is_file():

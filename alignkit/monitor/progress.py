@@ -68,6 +68,12 @@ class Progress:
                 f"step {step}/{self.total}  {_fmt(metrics)}  eta {eta:.0f}s", highlight=False
             )
 
+    def note(self, text: str) -> None:
+        """A message between the progress lines (run-health findings); printed above a live
+        bar, which stays in place."""
+        if self.enabled:
+            self.console.print(text, highlight=False, markup=False)
+
     def stop(self) -> None:
         if self._bar is not None:
             self._bar.stop()

@@ -44,6 +44,28 @@ def with_mismatched(examples: list[KTOExample], seed: int) -> list[KTOItem]:
     return [KTOItem(ex, examples[partner[i]].completion_ids) for i, ex in enumerate(examples)]
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """`kto_kl_estimate` over the mismatched rows of every process, not just this one's.
+
+    policy_kl_logps, ref_kl_logps: (M,) this process's rows. Under DDP each process holds a
+    slice of the global batch; averaging over all of them makes the reference point, and so the
+    loss, the same as one process with the whole batch. Called in training only: every process
+    runs the same number of micro-batches there (evaluation shards need not be equal).
+    """
+    import torch.distributed as dist
+
+    diff = policy_kl_logps.detach().float() - ref_kl_logps.float()  # (M,)
+    total = torch.stack([diff.sum(), diff.new_tensor(float(diff.numel()))])  # (2,) sum, count
+    dist.all_reduce(total)
+    return (total[0] / total[1]).clamp(min=0)
+
+
 class KTOMethod:
     """KTO loss per example; the normalisation unit is the example."""
 
@@ -70,7 +92,10 @@ class KTOMethod:
         logps, _ = segment_logps(model, batch, 2 * b)  # (2B,) matched rows, then mismatched
         ref = self.reference(batch)  # (2B,)
         # z0 is a constant of the loss (no gradient through it), as in the paper.
-        kl = kto_kl_estimate(logps[b:].detach(), ref[b:])
+        if model.training and _world_size() > 1:
+            kl = global_kl_estimate(logps[b:].detach(), ref[b:])
+        else:
+            kl = kto_kl_estimate(logps[b:].detach(), ref[b:])
         out = kto(KTOLogps(logps[:b], ref[:b], batch["desirable"], kl), **self.params)
         m = out.metrics
         nan = torch.full_like(m["kl"], float("nan"))

@@ -21,6 +21,12 @@ from torch import Tensor, nn
 
 from alignkit.config import RunConfig
 from alignkit.errors import AlignkitError
+from alignkit.monitor.health import (
+    HealthMonitor,
+    format_finding,
+    read_metrics,
+    settings_from_config,
+)
 from alignkit.monitor.progress import Progress
 from alignkit.train.checkpoint import (
     TrainerState,
@@ -59,10 +65,23 @@ class FitResult:
     eval_before: dict[str, float] = field(default_factory=dict)
     eval_after: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
+    health: dict[str, Any] = field(default_factory=dict)  # HealthMonitor.summary()
+
+
+# Metric-name suffix -> (reduction, its value over no examples). An extreme such as the lowest
+# reward of a step cannot be averaged; every metric without one of these suffixes is a mean.
+EXTREMES = {"/min": (torch.amin, float("inf")), "/max": (torch.amax, float("-inf"))}
+
+
+def _extreme(name: str):
+    return next((how for suffix, how in EXTREMES.items() if name.endswith(suffix)), None)
 
 
 class MetricSums:
-    """Running sums of per-example metrics and of the loss, reduced across processes at once."""
+    """Running sums of per-example metrics and of the loss, reduced across processes at once.
+
+    Each metric is kept as (sum, count), or (extreme, count) for the EXTREMES suffixes.
+    """
 
     def __init__(self):
         self.sums: dict[str, float] = {}
@@ -75,16 +94,31 @@ class MetricSums:
             # NaN marks "no value for this example" (e.g. KTO's chosen reward of an
             # undesirable example): excluded from both the sum and the count.
             has = ~torch.isnan(v)
-            pair = torch.stack([v[has].sum(), has.sum().float()])
+            how = _extreme(name)
+            if how is None:
+                pair = torch.stack([v[has].sum(), has.sum().float()])
+            else:  # the empty value keeps a batch without values neutral
+                kept = torch.cat([v[has], v.new_full((1,), how[1])])
+                pair = torch.stack([how[0](kept), has.sum().float()])
             prev = self.tensors.get(name)
-            self.tensors[name] = pair if prev is None else prev + pair
+            if prev is not None and how is not None:
+                pair = torch.stack([how[0](torch.stack([prev[0], pair[0]])), prev[1] + pair[1]])
+            elif prev is not None:
+                pair = prev + pair
+            self.tensors[name] = pair
 
     def reduce(self, accelerator, method=None) -> dict[str, float]:
         out = {}
         for name, pair in self.tensors.items():
-            total = accelerator.reduce(pair, reduction="sum")
-            if total[1] > 0:
-                out[name] = (total[0] / total[1]).item()
+            how = _extreme(name)
+            if how is None:
+                total = accelerator.reduce(pair, reduction="sum")
+                if total[1] > 0:
+                    out[name] = (total[0] / total[1]).item()
+                continue
+            rows = accelerator.gather(pair[None])  # (world, 2): each process's extreme, count
+            if rows[:, 1].sum() > 0:
+                out[name] = how[0](rows[:, 0]).item()
         finalize = getattr(method, "finalize_metrics", None)
         return finalize(out) if finalize else out
 
@@ -160,6 +194,12 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, self.tcfg, self.steps)
         self.prepared, self.optimizer = accelerator.prepare(model, self.optimizer)
         self.state = TrainerState()
+        # Run-health rules on every logged row; the main process owns the run directory.
+        self.health = None
+        if accelerator.is_main_process:
+            settings = settings_from_config(cfg)
+            self.health = HealthMonitor(cfg.method, self.steps, run_dir=run_dir, settings=settings)
+        self.new_findings: list = []  # found since the progress output last showed them
 
     # -- pieces -------------------------------------------------------------------------------
     def _batch(self, micro_index: int) -> dict[str, Tensor]:
@@ -280,7 +320,11 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------------------
     def fit(self) -> FitResult:
-        self.resume_if_asked()
+        if self.resume_if_asked() and self.health is not None:
+            # Rebuild the health state from the rows logged up to the checkpoint.
+            metrics_path = self.run_dir / "metrics.jsonl"
+            self.health.replay(read_metrics(metrics_path, upto=self.state.step))
+            self.new_findings.clear()
         result = FitResult(self.state, {})
         if self.state.step == 0 and self.eval_set:
             result.eval_before = self.evaluate()
@@ -303,6 +347,7 @@ class Trainer:
                     self._log(step, metrics)
                 result.last_metrics = metrics
                 progress.update(step, metrics)
+                self._show_findings(progress)
                 if self._due(self.tcfg.save_every) and step < self.steps:
                     self.save()
         except KeyboardInterrupt:
@@ -316,8 +361,15 @@ class Trainer:
         if self.eval_set:
             result.eval_after = self.evaluate()
             self._log(self.state.step, result.eval_after)
+            self._show_findings(progress)
         result.wall_s = time.perf_counter() - t_start
+        result.health = self.health.summary() if self.health is not None else {}
         return result
+
+    def _show_findings(self, progress: Progress) -> None:
+        for finding in self.new_findings:
+            progress.note(format_finding(finding))
+        self.new_findings.clear()
 
     def _due(self, every: int | None) -> bool:
         return bool(every) and self.state.step % every == 0
@@ -325,5 +377,7 @@ class Trainer:
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger is not None and self.acc.is_main_process:
             self.logger.log(step, metrics)
+        if self.health is not None:
+            self.new_findings += self.health.observe(step, metrics)
         if self.on_eval is not None and any(k.startswith("eval/") for k in metrics):
             self.on_eval(f"step {step}", metrics)

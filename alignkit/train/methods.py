@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -25,6 +26,10 @@ class MethodSetup:
     needs_reference: bool = False
     # (module, batch) -> (S,) reference log-probs of the batch's responses, segment order
     ref_logps: Callable[[nn.Module, dict], Any] | None = None
+    head: str = "lm"  # "lm" (causal LM) or "reward" (scalar score head), for load_model
+    # (trained model, final/ dir) -> extra summary.json entries, run on the main process after
+    # final/ is saved (e.g. a reward model's reward mean/std on the eval split)
+    after_training: Callable[[nn.Module, Path], dict] | None = None
 
 
 def _sft(cfg: RunConfig, tokenizer) -> MethodSetup:
@@ -39,6 +44,12 @@ def _pairs(cfg: RunConfig, tokenizer) -> MethodSetup:
     return build_pairs_method(cfg, tokenizer)
 
 
+def _reward(cfg: RunConfig, tokenizer) -> MethodSetup:
+    from alignkit.train.reward import build_reward_method
+
+    return build_reward_method(cfg, tokenizer)
+
+
 def _kto(cfg: RunConfig, tokenizer) -> MethodSetup:
     from alignkit.train.kto import build_kto_method
 
@@ -49,6 +60,7 @@ BUILDERS: dict[str, Callable[[RunConfig, Any], MethodSetup]] = {
     "sft": _sft,
     **{name: _pairs for name in PAIR_METHODS},
     "kto": _kto,
+    "reward": _reward,
 }
 
 

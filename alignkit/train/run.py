@@ -120,6 +120,10 @@ def summarize(cfg, fit: FitResult, setup, samples_before, samples_after, params)
 
 def run_training(cfg: RunConfig, *, log=print) -> dict:
     """Train one method end to end; returns the summary also written to summary.json."""
+    if cfg.method == "ppo":  # rollouts and several updates per batch: PPO runs its own loop
+        from alignkit.train.ppo_run import run_ppo
+
+        return run_ppo(cfg, log=log)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -140,6 +144,7 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
         cfg.lora,
         device=acc.device,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
+        head=setup.head,
     )
     params = count_parameters(model)
     if acc.is_main_process:
@@ -183,6 +188,13 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
         save_final(model, tokenizer, run_dir / "final")
         after = _sample(model, tokenizer, cfg)
         summary = summarize(cfg, fit, setup, before, after, params)
+        if setup.after_training is not None:
+            summary.update(setup.after_training(model, run_dir / "final"))
+        if fit.health:
+            from alignkit.monitor.health import format_summary
+
+            summary["health"] = fit.health
+            log(format_summary(fit.health))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         sys.stdout.flush()
     acc.wait_for_everyone()

@@ -44,7 +44,10 @@ class SFTMethod:
             if self.packed
             else int(batch["attention_mask"].sum())
         )
-        return StepOutput(loss.losses.sum(), {}, tokens)
+        # Labelled tokens per sequence, averaged per step: 0 means every label in the step was
+        # masked, which the run-health rule `labels_all_masked` reports.
+        metrics = {"target_tokens": out.seq_tokens.detach().float()}  # (B,)
+        return StepOutput(loss.losses.sum(), metrics, tokens)
 
 
 def build_sft(cfg: RunConfig, tokenizer) -> MethodSetup:

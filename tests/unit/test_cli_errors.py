@@ -326,6 +326,23 @@ def test_directory_that_is_not_a_model(tmp_path, good_file):
     assert "save_pretrained" in output
 
 
+def test_file_that_is_not_a_model(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    output = error_message(invoke("generate", "--model", str(text), "--prompt", "hi"))
+    assert f"'{text}' is a file, not a model" in output
+    assert "does not exist" not in output
+
+
+@pytest.mark.parametrize("content", [b"", b"\x07" * 500], ids=["empty", "not-gguf"])
+def test_gguf_file_that_cannot_be_read(tmp_path, content):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(content)
+    output = error_message(invoke("generate", "--model", str(bad), "--prompt", "hi"))
+    assert f"'{bad}' is not a readable GGUF file" in output
+    assert "download or convert the GGUF file again" in output
+
+
 def test_corrupt_weights(tmp_path, good_file, tiny_model_dir):
     broken = tmp_path / "broken-model"
     broken.mkdir()

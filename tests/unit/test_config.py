@@ -34,6 +34,22 @@ def test_unknown_key_suggests_nearest(tmp_path):
     assert "did you mean 'train'" in str(exc.value)
 
 
+@pytest.mark.parametrize(
+    "override, meant",
+    [
+        ("train.learning_rate=1e-4", "train.lr"),
+        ("train.gradient_accumulation_steps=2", "train.grad_accum"),
+        ("lora.rank=8", "lora.r"),
+        ("lora.lora_alpha=16", "lora.alpha"),
+        ("data.max_seq_length=256", "data.max_length"),
+    ],
+)
+def test_unknown_key_suggests_our_name_for_other_tools_names(override, meant):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert f"did you mean '{meant}'" in str(exc.value)
+
+
 def test_wrong_type_names_key_and_value(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, "train:\n  lr: fast\n"))
@@ -68,3 +84,15 @@ def test_yaml_bare_no_for_mixed_precision(tmp_path):
         == "no"
     )
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_ppo_resolved_config_has_no_reference_section(tmp_path):
+    import yaml
+
+    cfg = load_config(None, ["method=ppo", "ppo.reward_fn=alignkit.rewards:gsm8k_answer"])
+    data = yaml.safe_load(cfg.to_yaml())
+    assert "reference" not in data and "ppo" in data and "dpo" not in data
+    assert load_config(write(tmp_path, cfg.to_yaml())) == cfg
+    assert "reference" in yaml.safe_load(load_config(None, ["method=dpo"]).to_yaml())
+    with pytest.raises(ConfigError, match="starting model"):
+        load_config(None, ["method=ppo", "ppo.reward_fn=m:f", "reference.model=other"])

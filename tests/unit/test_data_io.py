@@ -137,15 +137,33 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch):
 
     seen = {}
 
-    def offline(name, split):
-        seen["args"] = (name, split)
+    def offline(name, config, split):
+        seen["args"] = (name, config, split)
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     err = error_of("someorg/somedata")
-    assert seen["args"] == ("someorg/somedata", "train")
+    assert seen["args"] == ("someorg/somedata", None, "train")
     assert "could not load hub dataset 'someorg/somedata'" in err.message
     assert "network" in err.hint
+
+
+def test_hub_name_with_a_config(monkeypatch):
+    import datasets
+
+    from alignkit.data.io import read_located
+
+    seen = {}
+
+    def fake(name, config, split):
+        seen["args"] = (name, config, split)
+        return [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    located = read_located("openai/gsm8k:main", split="test", limit=2)
+    assert seen["args"] == ("openai/gsm8k", "main", "test[:2]")
+    assert located.records[1] == {"question": "q2", "answer": "a2"}
+    assert located.locations[1] == "openai/gsm8k:main[test]:row 2"
 
 
 def test_missing_local_file_with_slash_is_not_a_hub_name(tmp_path, monkeypatch):

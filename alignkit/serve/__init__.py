@@ -1,0 +1,47 @@
+"""`alignkit serve`: a model behind an OpenAI-compatible chat-completions API."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+from alignkit.errors import AlignkitError
+from alignkit.serve.engine import ChatEngine, Finished
+from alignkit.serve.protocol import ChatRequest, RequestError, StopMatcher, parse_request
+from alignkit.serve.server import ChatServer
+
+__all__ = [
+    "ChatEngine",
+    "ChatRequest",
+    "ChatServer",
+    "Finished",
+    "RequestError",
+    "StopMatcher",
+    "make_server",
+    "parse_request",
+    "serve_forever",
+]
+
+
+def make_server(engine: ChatEngine | None, host: str = "127.0.0.1", port: int = 8000) -> ChatServer:
+    """Bind the server (port 0 picks a free port); a taken port is a clear error."""
+    try:
+        return ChatServer((host, port), engine)
+    except OSError as exc:
+        hint = (
+            "choose another --port, or stop the process using it"
+            if exc.errno == errno.EADDRINUSE
+            else "check --host: it must be an address of this machine"
+        )
+        raise AlignkitError(f"cannot listen on {host}:{port}: {exc.strerror}", hint=hint) from None
+
+
+def serve_forever(server: ChatServer, log: Callable[[str], None] = print) -> None:
+    """Serve until Ctrl-C, then close the socket so the port is free at once."""
+    log(f"serving '{server.engine.name}' at {server.base_url} (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log("stopping")
+    finally:
+        server.server_close()
