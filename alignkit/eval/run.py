@@ -272,10 +272,15 @@ def write_report(report: EvalReport, opts: EvalOptions, models: EvalModels) -> l
 # --------------------------------------------------------------------------- printing
 
 
-def _fmt(value: float | None) -> str:
+COUNT_METRICS = {"no_answer"}  # whole numbers: printed without decimals
+
+
+def _fmt(value: float | None, *, count: bool = False, sign: bool = False) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}"
+    if count:
+        return f"{value:+.0f}" if sign else f"{value:.0f}"
+    return f"{value:+.4f}" if sign else f"{value:.4f}"
 
 
 def render_report(report: EvalReport, console: Any) -> None:
@@ -289,8 +294,13 @@ def render_report(report: EvalReport, console: Any) -> None:
         for col in ("metric", "reference", "model", "delta"):
             table.add_column(col, justify="left" if col == "metric" else "right")
         for name, m in res["metrics"].items():
-            delta = "-" if m["delta"] is None else f"{m['delta']:+.4f}"
-            table.add_row(Text(name), _fmt(m["before"]), _fmt(m["after"]), delta)
+            count = name in COUNT_METRICS
+            table.add_row(
+                Text(name),
+                _fmt(m["before"], count=count),
+                _fmt(m["after"], count=count),
+                _fmt(m["delta"], count=count, sign=True),
+            )
         console.print(table)
         if res["details"].get("error"):
             console.print(Text(f"incomplete: {res['details']['error']}", style="yellow"))

@@ -75,3 +75,12 @@ def test_gsm8k_before_and_after_from_known_answers():
     assert em["delta"] == pytest.approx(1 / 3)
     assert res["metrics"]["no_answer"] == {"before": 1.0, "after": 1.0, "delta": 0.0}
     assert res["details"]["correct"] == {"reference": 1, "model": 2}
+
+
+def test_table_prints_counts_as_whole_numbers_and_rates_with_decimals():
+    from alignkit.eval.run import _fmt
+
+    assert _fmt(6.0, count=True) == "6"
+    assert _fmt(-4.0, count=True, sign=True) == "-4"
+    assert _fmt(0.0833333, sign=True) == "+0.0833"
+    assert _fmt(None) == "-"
