@@ -96,3 +96,10 @@ def test_ppo_resolved_config_has_no_reference_section(tmp_path):
     assert "reference" in yaml.safe_load(load_config(None, ["method=dpo"]).to_yaml())
     with pytest.raises(ConfigError, match="starting model"):
         load_config(None, ["method=ppo", "ppo.reward_fn=m:f", "reference.model=other"])
+
+
+@pytest.mark.parametrize("override", ["train.save_every=5", "train.resume=auto"])
+def test_ppo_refuses_checkpoint_settings_it_cannot_honour(override):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["method=ppo", "ppo.reward_fn=alignkit.rewards:gsm8k_format", override])
+    assert "ppo does not checkpoint mid-run yet" in str(exc.value)
