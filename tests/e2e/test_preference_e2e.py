@@ -87,7 +87,9 @@ def heldout_pair_accuracy(run_dir, data):
 @pytest.mark.slow  # about twice the DPO run: opt-in with ALIGNKIT_SLOW=1
 def test_kto_lifts_heldout_rewards(tmp_path_factory, hh_short, smollm2_dir):
     # The same pairs unpaired: 680 training examples (each pair's chosen reply desirable, its
-    # rejected one undesirable), 100 held-out pairs.
+    # rejected one undesirable), 100 held-out pairs. Measured (CPU, seed 0): held-out margin
+    # 0 -> 0.31 (desirable -0.25, undesirable -0.56), pair accuracy against the base 0.62 with
+    # margin 0.31; 43 steps, peak RSS 11.7 GB, about half an hour on a shared 2-core machine.
     out = tmp_path_factory.mktemp("kto")
     summary = run(
         "kto", out, hh_short, "train.epochs=1", "train.batch_size=8", "train.grad_accum=2",
