@@ -362,6 +362,70 @@ def trl_result(trainer, timer, t0: float, ready: float, rss_ready: float) -> dic
 # --------------------------------------------------------------------------------- parent
 
 
+def write_spec(args: Any, facts: dict[str, Any], workdir: Path, **method: Any) -> Path:
+    """Write the children's spec: the data facts, the settings every pair benchmark holds equal
+    (adapter, batch, optimiser, seed) and the method's own (`method`); print the machine."""
+    spec = {
+        **facts,
+        "workdir": str(workdir),
+        "initial_adapter": str(workdir / "initial_adapter.safetensors"),
+        "target_modules": QKVO,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "lr": args.lr,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "max_grad_norm": args.max_grad_norm,
+        "seed": args.seed,
+        "threads": args.threads,
+        **method,
+    }
+    spec_path = workdir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    print(f"[bench] {machine()}")
+    print(f"[bench] {json.dumps(versions())}")
+    return spec_path
+
+
+def run_children(
+    script: Path, names: list[str], spec_path: Path, workdir: Path
+) -> dict[str, dict[str, Any]]:
+    """Run each child in turn; each alignkit child gets its own fresh reference cache."""
+    results = {}
+    for name in names:
+        env = {"ALIGNKIT_CACHE": str(workdir / f"cache_{name}")} if name != "trl" else None
+        results[name] = run_child(script, name, spec_path, workdir, env)
+    return results
+
+
+def print_init_digests(results: dict[str, dict[str, Any]]) -> None:
+    for name, r in results.items():
+        print(
+            f"[bench] {name}: initial adapter {r['init_digest']} (seeded init already equal: "
+            f"{r['seeded_init_matched']})"
+        )
+
+
+def write_results(
+    workdir: Path,
+    spec_path: Path,
+    init: dict,
+    results: dict,
+    summary: dict,
+    also: Path | None = None,
+) -> None:
+    """workdir/results.json (and `also`, when given): the spec, the machine, every child's
+    result and the ratios."""
+    out = {"spec": json.loads(spec_path.read_text()), "machine": machine(), "versions": versions()}
+    out.update(initial_adapter=init, results=results, summary=summary)
+    text = json.dumps(out, indent=2)
+    (workdir / "results.json").write_text(text)
+    if also:
+        also.write_text(text)
+    print(f"[bench] results: {workdir / 'results.json'}")
+
+
 def run_child(
     script: Path, name: str, spec_path: Path, workdir: Path, env_extra: dict[str, str] | None = None
 ) -> dict[str, Any]:

@@ -44,7 +44,6 @@ one more token than alignkit's (the newline after ``<|im_end|>``; see ``dpo_vs_t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -292,27 +291,13 @@ def main(argv: list[str] | None = None) -> None:
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="kto_vs_trl_"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     facts = prepare(args, workdir)
-    spec = {
-        **facts,
-        "workdir": str(workdir),
-        "initial_adapter": str(workdir / "initial_adapter.safetensors"),
-        "target_modules": common.QKVO,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "lr": args.lr,
-        "beta": args.beta,
-        "lora_r": args.lora_r,
-        "lora_alpha": args.lora_alpha,
-        "lora_dropout": args.lora_dropout,
-        "max_grad_norm": args.max_grad_norm,
-        "seed": args.seed,
-        "threads": args.threads,
-        "trl_inputs": args.trl_inputs,
-    }
-    spec_path = workdir / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
-    print(f"[bench] {common.machine()}")
-    print(f"[bench] {json.dumps(common.versions())}")
+    spec_path = common.write_spec(
+        args,
+        facts,
+        workdir,
+        beta=args.beta,
+        trl_inputs=args.trl_inputs,
+    )
     print(
         f"[bench] KTO, {args.model} ({facts['model_path']}), {args.pairs} HH-RLHF pairs -> "
         f"{facts['examples']} unpaired examples (skipped before them: {facts['skipped']}), batch "
@@ -326,16 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     init = common.run_child(SCRIPT, "init", spec_path, workdir)
     print(f"[bench] initial adapter: {init}")
     names = ["alignkit", "trl"] if args.first == "alignkit" else ["trl", "alignkit"]
-    results = {}
-    for name in names:
-        env = {"ALIGNKIT_CACHE": str(workdir / "cache_alignkit")} if name == "alignkit" else None
-        results[name] = common.run_child(SCRIPT, name, spec_path, workdir, env)
+    results = common.run_children(SCRIPT, names, spec_path, workdir)
     results = {"alignkit": results["alignkit"], "trl": results["trl"]}
-    for name, r in results.items():
-        print(
-            f"[bench] {name}: initial adapter {r['init_digest']} (seeded init already equal: "
-            f"{r['seeded_init_matched']})"
-        )
+    common.print_init_digests(results)
     tok = results["trl"]["tokens_vs"]
     print(
         f"[bench] TRL rows vs alignkit's: prompts equal {tok['prompt_ids_equal']}/{tok['rows']}, "
@@ -346,12 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{tok['longest_row']}"
     )
     summary = common.print_report(results, baseline="trl")
-    out = {"spec": spec, "machine": common.machine(), "versions": common.versions()}
-    out.update(initial_adapter=init, results=results, summary=summary)
-    (workdir / "results.json").write_text(json.dumps(out, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    print(f"[bench] results: {workdir / 'results.json'}")
+    common.write_results(workdir, spec_path, init, results, summary, also=args.json)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,6 @@ What cannot be made equal:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -386,28 +385,14 @@ def main(argv: list[str] | None = None) -> None:
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="reward_vs_trl_"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     facts = prepare(args, workdir)
-    spec = {
-        **facts,
-        "workdir": str(workdir),
-        "initial_adapter": str(workdir / "initial_adapter.safetensors"),
-        "target_modules": common.QKVO,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "lr": args.lr,
-        "beta": None,  # common.trl_common_args sets it; removed for RewardConfig
-        "center_coef": args.center_coef,
-        "lora_r": args.lora_r,
-        "lora_alpha": args.lora_alpha,
-        "lora_dropout": args.lora_dropout,
-        "max_grad_norm": args.max_grad_norm,
-        "seed": args.seed,
-        "threads": args.threads,
-        "trl_tokens": args.trl_tokens,
-    }
-    spec_path = workdir / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
-    print(f"[bench] {common.machine()}")
-    print(f"[bench] {json.dumps(common.versions())}")
+    spec_path = common.write_spec(
+        args,
+        facts,
+        workdir,
+        beta=None,  # common.trl_common_args sets it; removed for RewardConfig
+        center_coef=args.center_coef,
+        trl_tokens=args.trl_tokens,
+    )
     print(
         f"[bench] reward model, {args.model} ({facts['model_path']}), {args.pairs} HH-RLHF pairs "
         f"+ {args.heldout} held out (skipped before them: {facts['skipped']}), batch "
@@ -422,15 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         print("[bench] warning: pairs is not a multiple of the batch size: the last batch is short")
     init = common.run_child(SCRIPT, "init", spec_path, workdir)
     print(f"[bench] initial adapter and head: {init}")
-    results = {}
-    for name in runs:
-        env = {"ALIGNKIT_CACHE": str(workdir / f"cache_{name}")} if name != "trl" else None
-        results[name] = common.run_child(SCRIPT, name, spec_path, workdir, env)
-    for name, r in results.items():
-        print(
-            f"[bench] {name}: initial adapter {r['init_digest']} (seeded init already equal: "
-            f"{r['seeded_init_matched']})"
-        )
+    results = common.run_children(SCRIPT, runs, spec_path, workdir)
+    common.print_init_digests(results)
     tok = results["trl"]["tokens_vs"]
     print(
         f"[bench] TRL rows vs alignkit's: ids equal {tok['ids_equal']}/{tok['rows']}, alignkit's "
@@ -442,12 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     _print_heldout(results)
     for name, r in results.items():
         summary.setdefault(name, {})["heldout_accuracy"] = r["heldout_accuracy"]
-    out = {"spec": spec, "machine": common.machine(), "versions": common.versions()}
-    out.update(initial_adapter=init, results=results, summary=summary)
-    (workdir / "results.json").write_text(json.dumps(out, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    print(f"[bench] results: {workdir / 'results.json'}")
+    common.write_results(workdir, spec_path, init, results, summary, also=args.json)
 
 
 if __name__ == "__main__":
