@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,29 +48,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COLUMN_MAP = {"question": "prompt", "answer": "completion"}
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 BUNDLED_GSM8K = ROOT / "alignkit" / "assets" / "gsm8k" / "sample.jsonl"
-
-
-def _importable_alignkit() -> None:
-    """Run from a checkout without `pip install -e .`: put the repository root on sys.path."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
-
-def peak_rss_mb() -> float:
-    # Linux reports ru_maxrss in KiB (macOS in bytes; the README's figures are from Linux)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _set_threads(spec: dict[str, Any]) -> None:
-    import torch
-
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
 
 
 def _cuda_peak_mb() -> float | None:
@@ -119,8 +103,8 @@ def alignkit_overrides(spec: dict[str, Any], output_dir: str) -> list[str]:
 
 
 def run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
-    _importable_alignkit()
-    _set_threads(spec)
+    common.importable_alignkit()
+    common.set_threads(spec["threads"])
     # What run_training imports lazily, imported here so setup_s counts no imports (like TRL's)
     import accelerate  # noqa: F401
 
@@ -139,7 +123,7 @@ def run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
         # loop: the split between setup and training without reaching into alignkit.
         ready.setdefault("t", time.perf_counter())
         ready.setdefault("cpu", time.process_time())
-        ready.setdefault("rss", peak_rss_mb())
+        ready.setdefault("rss", common.peak_rss_mb())
         ready.setdefault("load", os.getloadavg()[0])
         print(message, flush=True)
 
@@ -159,7 +143,7 @@ def run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
         "train_cpu_s": cpu_end - ready["cpu"] if ready else None,
         "total_s": total,  # setup + loop + saving final/
         "rss_before_train_mb": ready.get("rss"),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": common.peak_rss_mb(),
         "peak_cuda_mb": _cuda_peak_mb(),
         "load_avg": [ready.get("load"), load_end],  # 1-minute system load, loop start and end
         "steps": len(steps),
@@ -180,7 +164,7 @@ def _trl_dataset(spec: dict[str, Any], tokenizer: Any):
 
     order = spec["order"]
     if spec["trl_tokens"] == "alignkit":
-        _importable_alignkit()
+        common.importable_alignkit()
         from alignkit.config import DataConfig
         from alignkit.data import load_sft_data
 
@@ -240,7 +224,7 @@ def trl_config(spec: dict[str, Any], output_dir: str):
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
-    _set_threads(spec)
+    common.set_threads(spec["threads"])
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -280,7 +264,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks=[timer],
     )
     ready = time.perf_counter()
-    rss_ready = peak_rss_mb()
+    rss_ready = common.peak_rss_mb()
     trainer.train()
     total = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
@@ -293,7 +277,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "train_cpu_s": timer.cpu_end - timer.cpu_begin,
         "total_s": total,
         "rss_before_train_mb": rss_ready,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": common.peak_rss_mb(),
         "peak_cuda_mb": _cuda_peak_mb(),
         "load_avg": [timer.load_begin, timer.load_end],
         "steps": len(logs),
@@ -316,7 +300,7 @@ def child_main(name: str, spec_path: str) -> None:
 def microbatch_order(rows: int, batch_size: int, steps: int, seed: int) -> tuple[list[int], bool]:
     """The row indices alignkit's micro-batches 0..steps-1 take, flattened; and whether every
     micro-batch is full (otherwise TRL's sequential batches drift out of step with alignkit's)."""
-    _importable_alignkit()
+    common.importable_alignkit()
     from alignkit.train.stream import MicroBatchStream
 
     stream = MicroBatchStream([1] * rows, batch_size, 1, seed, group_by_length=False)
@@ -334,31 +318,6 @@ def write_rows(source: Path, rows: int, dest: Path) -> int:
                 break
     dest.write_text("".join(lines), encoding="utf-8")
     return len(lines)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, {load}"
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "trl", "datasets"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "-"
-    return out
 
 
 def run_child(name: str, spec_path: Path, device: str) -> dict[str, Any]:
@@ -393,22 +352,14 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _div(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def _ratio(a: float | None, b: float | None) -> str:
-    return _num(_div(a, b), ".2f")
-
-
-def _num(x: float | None, fmt: str) -> str:
-    return format(x, fmt) if x is not None else "-"
+    return common.num(common.div(a, b), ".2f")
 
 
 def _loads(result: dict[str, Any]) -> str:
     load = result.get("load_avg") or []
     pairs = load if load and isinstance(load[0], list) else [load]  # one pair per repeat
-    return ", ".join(" -> ".join(_num(x, ".1f") for x in pair) for pair in pairs)
+    return ", ".join(" -> ".join(common.num(x, ".1f") for x in pair) for pair in pairs)
 
 
 def report(ak: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any]:
@@ -430,22 +381,22 @@ def report(ak: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any]:
         a = ak["losses"][-1] if key is None else ak.get(key)
         t = trl["losses"][-1] if key is None else trl.get(key)
         ratio = "" if key in (None, "tokens") else _ratio(a, t)
-        print(f"{label:40s} {_num(a, fmt):>10s} {_num(t, fmt):>10s} {ratio:>13s}")
+        print(f"{label:40s} {common.num(a, fmt):>10s} {common.num(t, fmt):>10s} {ratio:>13s}")
     print(f"\n{'step':>4s} {'alignkit loss':>14s} {'TRL loss':>10s} {'|diff|':>8s}")
     for i in range(n):
         print(f"{i + 1:4d} {ak['losses'][i]:14.4f} {trl['losses'][i]:10.4f} {diffs[i]:8.4f}")
     # Times on a shared machine depend on what else runs: show the load each loop ran under
     print(f"\n1-min load average, loop start -> end: alignkit {_loads(ak)}; TRL {_loads(trl)}")
     summary = {
-        "wall_time_ratio": _div(ak["train_s"], trl["train_s"]),
-        "cpu_time_ratio": _div(ak.get("train_cpu_s"), trl.get("train_cpu_s")),
-        "peak_rss_ratio": _div(ak["peak_rss_mb"], trl["peak_rss_mb"]),
+        "wall_time_ratio": common.div(ak["train_s"], trl["train_s"]),
+        "cpu_time_ratio": common.div(ak.get("train_cpu_s"), trl.get("train_cpu_s")),
+        "peak_rss_ratio": common.div(ak["peak_rss_mb"], trl["peak_rss_mb"]),
         "final_loss_alignkit": ak["losses"][-1],
         "final_loss_trl": trl["losses"][-1],
         "max_abs_loss_diff": max(diffs) if diffs else None,
         "step1_abs_loss_diff": diffs[0] if diffs else None,
     }
-    shown = {k: _num(v, ".2f" if k.endswith("ratio") else ".4f") for k, v in summary.items()}
+    shown = {k: common.num(v, ".2f" if k.endswith("ratio") else ".4f") for k, v in summary.items()}
     print(
         f"\nwall-time ratio {shown['wall_time_ratio']} (CPU time {shown['cpu_time_ratio']}), "
         f"peak-RSS ratio {shown['peak_rss_ratio']}, final loss {shown['final_loss_alignkit']} vs "
@@ -495,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child_main(args.child, args.spec)
         return
-    _importable_alignkit()
+    common.importable_alignkit()
     from alignkit.models.resolve import resolve_model
 
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="sft_vs_trl_"))).resolve()
@@ -522,8 +473,8 @@ def main(argv: list[str] | None = None) -> None:
         "device": args.device,
         "trl_tokens": args.trl_tokens,
     }
-    print(f"[bench] {machine()}")
-    print(f"[bench] {json.dumps(versions())}")
+    print(f"[bench] {common.machine()}")
+    print(f"[bench] {json.dumps(common.versions())}")
     print(
         f"[bench] {args.model} on {rows} rows of {args.data}, {args.steps} steps x batch "
         f"{args.batch_size}, max_length {args.max_length}, LoRA r={args.lora_r} "
@@ -556,7 +507,8 @@ def main(argv: list[str] | None = None) -> None:
             f"max_length and dropped, where TRL truncates them): row orders differ"
         )
     summary = report(ak, trl)
-    out = {"spec": spec, "machine": machine(), "versions": versions(), **results, **summary}
+    out = {"spec": spec, "machine": common.machine(), "versions": common.versions()}
+    out.update(**results, **summary)
     out["spec"].pop("order")
     (workdir / "results.json").write_text(json.dumps(out, indent=2))
     if args.json:
