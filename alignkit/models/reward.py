@@ -298,12 +298,10 @@ def _check_full_model(path: str) -> None:
 
 def load_reward_model(path: str, *, device=None, dtype: str = "auto") -> RewardScorer:
     """A reward model (full model, a LoRA reward run's final/ adapter, or its run directory)."""
-    from peft import PeftModel
 
     from alignkit.config import LoraConfig, ModelConfig
     from alignkit.models.load import (
-        _has_tokenizer,
-        adapter_base,
+        load_adapter,
         load_model,
         load_tokenizer,
         read_adapter_config,
@@ -324,17 +322,8 @@ def load_reward_model(path: str, *, device=None, dtype: str = "auto") -> RewardS
         raise _not_reward_model(
             directory, f"a LoRA adapter of task {adapter_cfg.get('task_type')}, not SEQ_CLS"
         )
-    base_cfg = ModelConfig(name=adapter_base(directory, adapter_cfg), dtype=dtype)
-    base = load_model(base_cfg, LoraConfig(), device=device, for_training=False, head="reward")
-    try:
-        model = merge_lora(PeftModel.from_pretrained(base, directory)).eval()
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelError(
-            f"could not load the reward adapter in '{directory}': {exc}",
-            hint=f"check that it was trained on the base its adapter names ({base_cfg.name})",
-        ) from exc
-    tok_cfg = ModelConfig(name=directory) if _has_tokenizer(directory) else base_cfg
-    return RewardScorer(model, load_tokenizer(tok_cfg), read_reward_stats(directory))
+    model, tokenizer = load_adapter(directory, adapter_cfg, device, dtype=dtype, head="reward")
+    return RewardScorer(merge_lora(model).eval(), tokenizer, read_reward_stats(directory))
 
 
 def load_reward_models(

@@ -27,11 +27,11 @@ from alignkit.data.preference import (
     PREFERENCE_FORMATS,
     PairExample,
     PairStats,
-    _nothing_left,
-    _read_split,
-    _render_all,
     convert_located,
     fit_prompt,
+    nothing_left_error,
+    read_split,
+    render_rows,
 )
 from alignkit.errors import DataError
 from alignkit.losses.reward import bradley_terry
@@ -77,7 +77,7 @@ def build_reward_pairs(
             for rec, where in zip(located.records, located.locations, strict=True)
         }
     pairs, wheres = convert_located(located, fmt, cfg, stats)
-    ids = _render_all([(p.prompt, [p.chosen, p.rejected]) for p in pairs], wheres, tokenizer, None)
+    ids = render_rows([(p.prompt, [p.chosen, p.rejected]) for p in pairs], wheres, tokenizer, None)
     out, with_margin = [], 0
     for pair, (prompt_ids, chosen, rejected), where in zip(pairs, ids, wheres, strict=True):
         fitted = fit_prompt(
@@ -206,12 +206,12 @@ def build_reward_method(cfg: RunConfig, tokenizer) -> Any:
     from alignkit.train.methods import MethodSetup
 
     rcfg, dcfg = cfg.reward, cfg.data
-    train_rows, fmt, eval_rows, eval_fmt = _read_split(dcfg, cfg.train.seed, PREFERENCE_FORMATS)
+    train_rows, fmt, eval_rows, eval_fmt = read_split(dcfg, cfg.train.seed, PREFERENCE_FORMATS)
     train, stats, with_margin = build_reward_pairs(
         train_rows, fmt, dcfg, tokenizer, rcfg.use_margin
     )
     if not train:
-        raise _nothing_left(stats, dcfg, "pairs")
+        raise nothing_left_error(stats, dcfg, "pairs")
     evals: list[RewardPair] = []
     if len(eval_rows):
         evals, _, _ = build_reward_pairs(eval_rows, eval_fmt, dcfg, tokenizer, rcfg.use_margin)
