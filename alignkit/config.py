@@ -255,12 +255,6 @@ class RunConfig(Section):
             raise ValueError(
                 "a reward model scores text, it does not generate: remove train.sample_prompts"
             )
-        if self.method == "ppo" and (self.train.resume != "never" or self.train.save_every):
-            # Said, not silently ignored: a PPO run saves final/ only.
-            raise ValueError(
-                "ppo does not checkpoint mid-run yet, so train.save_every and train.resume=auto "
-                "cannot apply: remove them (a PPO run writes final/ when it ends)"
-            )
         if self.method == "ppo" and bool(self.ppo.reward_model) == bool(self.ppo.reward_fn):
             raise ValueError(
                 "ppo needs exactly one reward source: set ppo.reward_model (a reward model "

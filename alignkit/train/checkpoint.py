@@ -3,7 +3,9 @@
 A checkpoint holds only what changes during training: the trainable parameters (the LoRA
 adapter, or every weight in full fine-tuning), the optimizer and scheduler states, each process's
 random number generator states (LoRA dropout draws from them) and the position in the data
-stream. The frozen base is not copied: it is reloaded from the model it came from.
+stream. The frozen base is not copied: it is reloaded from the model it came from. A method with
+state of its own beyond these (PPO: its KL controller, prompt position, minibatch shuffle) passes
+it as `extra`, written before the state file like everything else.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +25,7 @@ from torch import nn
 from alignkit.errors import AlignkitError
 
 STATE_FILE = "trainer_state.json"
+EXTRA_FILE = "method_state.pt"
 
 
 @dataclass
@@ -75,8 +79,13 @@ def save_checkpoint(
     *,
     rank: int,
     is_main: bool,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write one checkpoint; the state file goes last so a crash leaves no 'complete' partial."""
+    """Write one checkpoint; the state file goes last so a crash leaves no 'complete' partial.
+
+    `extra` holds tensors, numbers, strings and containers of them (loadable with
+    ``weights_only``); it is read back by :func:`load_extra`.
+    """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), ckpt_dir / f"rng-{rank}.pt")
     if not is_main:
@@ -84,6 +93,8 @@ def save_checkpoint(
     save_file(trainable_state(model), str(ckpt_dir / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
     torch.save(scheduler.state_dict(), ckpt_dir / "scheduler.pt")
+    if extra is not None:
+        torch.save(extra, ckpt_dir / EXTRA_FILE)
     (ckpt_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
 
 
@@ -107,6 +118,12 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, *, r
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return TrainerState(**json.loads((ckpt_dir / STATE_FILE).read_text()))
+
+
+def load_extra(ckpt_dir: Path) -> dict[str, Any]:
+    """The `extra` state saved with a checkpoint; empty when it has none."""
+    path = ckpt_dir / EXTRA_FILE
+    return torch.load(path, weights_only=True) if path.is_file() else {}
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:

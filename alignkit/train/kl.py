@@ -6,12 +6,25 @@ KL(pi || pi_ref) approaches a target: with e_t = clip(KL_t / KL_target - 1, -0.2
 beta_{t+1} = beta_t * (1 + K_beta * e_t) where K_beta = n_steps / horizon, n_steps being the
 number of rollouts the KL was measured on. The clip bounds one update to +-20% of the horizon's
 rate, so one noisy batch cannot swing the penalty.
+
+The only state either controller carries between steps is beta (`value`): `state_dict` and
+`load_state_dict` save and restore it with a checkpoint; target and horizon come from the config.
 """
 
 from __future__ import annotations
 
 
-class FixedKLController:
+class _KLState:
+    value: float
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController(_KLState):
     def __init__(self, kl_coef: float):
         self.value = float(kl_coef)
 
@@ -19,7 +32,7 @@ class FixedKLController:
         return self.value
 
 
-class AdaptiveKLController:
+class AdaptiveKLController(_KLState):
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
         if target <= 0 or horizon <= 0:
             raise ValueError("the KL target and horizon must be positive")

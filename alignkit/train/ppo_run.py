@@ -4,6 +4,13 @@ Uses the shared machinery (optimizer and schedule from the loop, run directory, 
 progress, summary, `save_final`) around PPO's own step (:mod:`alignkit.train.ppo`). Evaluation
 scores the responses of the policy and of the reference to the same held-out prompts, before
 and after training: `eval/score` against `eval/ref_score` is the measure of improvement.
+
+Checkpoints (`train.save_every`) hold the shared pieces (trainable weights of every role,
+optimizer, schedule, RNG states, TrainerState) plus PPO's own: the KL coefficient, the prompt
+position, the minibatch-shuffle generator, and the evaluation before training with the
+reference's scores. The reference scores are stored, not resampled: they are small, and storing
+them keeps the resumed summary exact however the sampling kernels behave. The health monitor is
+rebuilt by replaying `metrics.jsonl` up to the checkpoint, as in the shared loop.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any
 import torch
 
 from alignkit.config import RunConfig
-from alignkit.errors import ConfigError
+from alignkit.errors import AlignkitError, ConfigError
 from alignkit.rollout.prompts import PromptExample
 from alignkit.rollout.sampling import decode_responses, sample_responses
 from alignkit.train.ppo import Optim, make_experience, ppo_updates, updates_per_step
@@ -118,9 +125,7 @@ def _health(cfg: RunConfig, steps: int, run_dir: Path, log):
         if exc.name not in ("alignkit.monitor.health",):
             raise
         return None
-    return HealthMonitor(
-        "ppo", steps, run_dir=run_dir, settings={"kl_target": cfg.ppo.kl_target}
-    )
+    return HealthMonitor("ppo", steps, run_dir=run_dir, settings={"kl_target": cfg.ppo.kl_target})
 
 
 def _mb(n: int) -> float:
@@ -149,7 +154,7 @@ def run_ppo(cfg: RunConfig, *, log=print) -> dict:
     from alignkit.rollout.prompts import load_prompt_data
     from alignkit.train.ppo_models import build_ppo_models
     from alignkit.train.ppo_reward import make_reward
-    from alignkit.train.run import mixed_precision, prepare_run_dir
+    from alignkit.train.run import mixed_precision, prepare_run_dir, sigterm_as_interrupt
 
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -160,6 +165,7 @@ def run_ppo(cfg: RunConfig, *, log=print) -> dict:
             "ppo runs in one process", hint="launch it without accelerate/torchrun workers"
         )
     set_seed(cfg.train.seed)
+    sigterm_as_interrupt()
     run_dir = prepare_run_dir(cfg, True)
     tokenizer = load_tokenizer(cfg.model)
     data = load_prompt_data(cfg, tokenizer)
@@ -231,12 +237,11 @@ class PPOState:
         t1 = time.perf_counter()
         kl_coef = self.kl.value
         with self.acc.autocast():
-            exp, metrics = make_experience(
-                self.models, rollout, scores, pcfg, kl_coef, micro
-            )
+            exp, metrics = make_experience(self.models, rollout, scores, pcfg, kl_coef, micro)
         metrics.update(
-            ppo_updates(self.models, exp, pcfg, micro, opt, self.cfg.train.max_grad_norm,
-                        self.generator)  # fmt: skip
+            ppo_updates(
+                self.models, exp, pcfg, micro, opt, self.cfg.train.max_grad_norm, self.generator
+            )
         )
         t2 = time.perf_counter()
         self.kl.update(metrics["objective/kl"], len(examples))
@@ -261,21 +266,21 @@ class PPOState:
         cfg = self.cfg
         steps = ppo_steps(cfg, len(data.train))
         opt = self._optim(steps)
-        logger = make_loggers(cfg.train.loggers, self.run_dir, cfg.model_dump(mode="json"))
-        health = _health(cfg, steps, self.run_dir, self.log)
         stream = PromptStream(len(data.train), cfg.ppo.rollout_batch_size, cfg.train.seed)
         eval_prompts = data.eval[: cfg.ppo.eval_prompts]
         fit = FitResult(TrainerState(), {})
-        before = _samples(self.models, self.tokenizer, cfg)
-        ref = None
-        t_start = time.perf_counter()
+        before = _samples(self.models, self.tokenizer, cfg)  # the starting policy, even on resume
+        ref = self.resume_if_asked(opt, stream, fit, steps)
+        logger = make_loggers(cfg.train.loggers, self.run_dir, cfg.model_dump(mode="json"))
+        health = self._monitor(steps, fit.state.step)
+        t_start = time.perf_counter() - fit.state.elapsed_s
         try:
-            if eval_prompts:
+            if eval_prompts and fit.state.step == 0:
                 fit.eval_before, ref = self.evaluate(eval_prompts, ref)
                 logger.log(0, fit.eval_before)
             progress = Progress(steps, enabled=cfg.train.progress)
-            progress.start(0)
-            for step in range(1, steps + 1):
+            progress.start(fit.state.step)
+            for step in range(fit.state.step + 1, steps + 1):
                 metrics = self.step([data.train[i] for i in stream.next()], opt)
                 fit.state.step = step
                 fit.state.tokens_seen += metrics.pop("tokens")
@@ -288,14 +293,97 @@ class PPOState:
                     self._observe(health, step, metrics)
                 fit.last_metrics = metrics
                 progress.update(step, metrics)
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < steps:
+                    self.save(opt, stream, fit, ref)
             progress.stop()
             if eval_prompts:
                 fit.eval_after, _ = self.evaluate(eval_prompts, ref)
                 logger.log(steps, fit.eval_after)
+        except KeyboardInterrupt:
+            raise self._interrupted(fit.state.step, steps) from None
         finally:
             logger.close()
         fit.wall_s = time.perf_counter() - t_start
         return self._finish(fit, data, before, health)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def checkpoint_extra(self, stream: PromptStream, fit, ref: dict | None) -> dict:
+        """PPO's state beyond the shared checkpoint's (weights, optimizer, schedule, RNG)."""
+        return {
+            "kl": self.kl.state_dict(),
+            "prompt_position": stream.pos,
+            "generator": self.generator.get_state(),
+            "eval_before": dict(fit.eval_before),
+            "eval_ref": ref,  # {"scores", "length", "eos"}: (N,) CPU tensors, or None
+        }
+
+    def save(self, opt: Optim, stream: PromptStream, fit, ref: dict | None) -> Path:
+        from alignkit.train.checkpoint import prune_checkpoints, save_checkpoint
+
+        ckpt = self.run_dir / "checkpoints" / f"step-{fit.state.step}"
+        save_checkpoint(
+            ckpt,
+            self.models.trainable(),
+            opt.optimizer,
+            opt.scheduler,
+            fit.state,
+            rank=0,
+            is_main=True,
+            extra=self.checkpoint_extra(stream, fit, ref),
+        )
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        return ckpt
+
+    def resume_if_asked(self, opt: Optim, stream: PromptStream, fit, steps: int) -> dict | None:
+        """Restore the latest complete checkpoint when `train.resume=auto` finds one, in place;
+        returns the stored reference evaluation (None when there is none)."""
+        from alignkit.train.checkpoint import checkpoint_dirs, load_checkpoint, load_extra
+
+        found = checkpoint_dirs(self.run_dir)
+        if self.cfg.train.resume != "auto" or not found:
+            return None
+        ckpt = found[-1]
+        extra = load_extra(ckpt)
+        if "generator" not in extra:
+            raise AlignkitError(
+                f"checkpoint {ckpt} was not written by a ppo run",
+                hint="resume it with the method that wrote it, or use a new output_dir",
+            )
+        trainable = self.models.trainable()
+        fit.state = load_checkpoint(ckpt, trainable, opt.optimizer, opt.scheduler, rank=0)
+        self.kl.load_state_dict(extra["kl"])
+        stream.pos = int(extra["prompt_position"])
+        self.generator.set_state(extra["generator"])
+        fit.eval_before = dict(extra["eval_before"])
+        self.log(f"[alignkit] resuming ppo from {ckpt}, step {fit.state.step}/{steps}")
+        return extra["eval_ref"]
+
+    def _interrupted(self, step: int, steps: int) -> AlignkitError:
+        """A PPO step stops mid-update, so Ctrl-C saves nothing: resume from the last checkpoint."""
+        from alignkit.train.checkpoint import checkpoint_dirs
+        from alignkit.train.loop import Interrupted
+
+        found = checkpoint_dirs(self.run_dir)
+        if not found:
+            return Interrupted(
+                f"interrupted after step {step}/{steps}, with no checkpoint to resume from",
+                hint="set train.save_every to checkpoint a PPO run as it goes",
+            )
+        return Interrupted(
+            f"interrupted after step {step}/{steps}; the last checkpoint is {found[-1]}",
+            hint="run the same command with train.resume=auto to continue from it",
+        )
+
+    def _monitor(self, steps: int, resumed_at: int):
+        """The health monitor, with the rows logged up to a resumed checkpoint replayed (step 0
+        holds the evaluation before training, which the monitor does not watch in PPO)."""
+        health = _health(self.cfg, steps, self.run_dir, self.log)
+        if health is not None and resumed_at:
+            from alignkit.monitor.health import read_metrics
+
+            rows = read_metrics(self.run_dir / "metrics.jsonl", upto=resumed_at)
+            health.replay(r for r in rows if r.get("step", 0) > 0)
+        return health
 
     def _observe(self, health, step: int, metrics: dict[str, float]) -> None:
         if health is None:

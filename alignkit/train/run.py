@@ -77,7 +77,7 @@ def _sample(model, tokenizer, cfg: RunConfig) -> list[Any]:
     )
 
 
-def _sigterm_as_interrupt() -> None:
+def sigterm_as_interrupt() -> None:
     """Treat SIGTERM (schedulers, `kill`) like Ctrl-C: save a checkpoint, then stop."""
 
     def handler(signum, frame):
@@ -135,7 +135,7 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
         mixed_precision=mixed_precision(cfg.train.mixed_precision),
     )
     set_seed(cfg.train.seed)
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     run_dir = prepare_run_dir(cfg, acc.is_main_process)
     tokenizer = load_tokenizer(cfg.model)
     setup = build_method(cfg, tokenizer)

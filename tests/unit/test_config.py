@@ -98,8 +98,9 @@ def test_ppo_resolved_config_has_no_reference_section(tmp_path):
         load_config(None, ["method=ppo", "ppo.reward_fn=m:f", "reference.model=other"])
 
 
-@pytest.mark.parametrize("override", ["train.save_every=5", "train.resume=auto"])
-def test_ppo_refuses_checkpoint_settings_it_cannot_honour(override):
-    with pytest.raises(ConfigError) as exc:
-        load_config(None, ["method=ppo", "ppo.reward_fn=alignkit.rewards:gsm8k_format", override])
-    assert "ppo does not checkpoint mid-run yet" in str(exc.value)
+def test_ppo_takes_the_shared_checkpoint_settings():
+    cfg = load_config(None, [
+        "method=ppo", "ppo.reward_fn=alignkit.rewards:gsm8k_format", "train.save_every=5",
+        "train.resume=auto", "train.keep_checkpoints=3",
+    ])  # fmt: skip
+    assert (cfg.train.save_every, cfg.train.resume, cfg.train.keep_checkpoints) == (5, "auto", 3)
