@@ -117,15 +117,11 @@ def eval_metrics(policy: dict, reference: dict) -> dict[str, float]:
     }
 
 
-def _health(cfg: RunConfig, steps: int, run_dir: Path, log):
-    """The run-health monitor when this installation has it (imported lazily)."""
-    try:
-        from alignkit.monitor.health import HealthMonitor
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("alignkit.monitor.health",):
-            raise
-        return None
-    return HealthMonitor("ppo", steps, run_dir=run_dir, settings={"kl_target": cfg.ppo.kl_target})
+def _health(cfg: RunConfig, steps: int, run_dir: Path):
+    """The run-health monitor, with the PPO section's settings (kl_target) and log_every."""
+    from alignkit.monitor.health import HealthMonitor, settings_from_config
+
+    return HealthMonitor("ppo", steps, run_dir=run_dir, settings=settings_from_config(cfg))
 
 
 def _mb(n: int) -> float:
@@ -377,8 +373,8 @@ class PPOState:
     def _monitor(self, steps: int, resumed_at: int):
         """The health monitor, with the rows logged up to a resumed checkpoint replayed (step 0
         holds the evaluation before training, which the monitor does not watch in PPO)."""
-        health = _health(self.cfg, steps, self.run_dir, self.log)
-        if health is not None and resumed_at:
+        health = _health(self.cfg, steps, self.run_dir)
+        if resumed_at:
             from alignkit.monitor.health import read_metrics
 
             rows = read_metrics(self.run_dir / "metrics.jsonl", upto=resumed_at)
@@ -386,8 +382,6 @@ class PPOState:
         return health
 
     def _observe(self, health, step: int, metrics: dict[str, float]) -> None:
-        if health is None:
-            return
         from alignkit.monitor.health import format_finding
 
         for finding in health.observe(step, metrics):
@@ -395,6 +389,7 @@ class PPOState:
 
     def _finish(self, fit, data, before, health) -> dict:
         from alignkit.models import count_parameters
+        from alignkit.monitor.health import format_summary
         from alignkit.train.run import peak_memory_mb, summarize
 
         cfg = self.cfg
@@ -412,11 +407,8 @@ class PPOState:
         memory = {"layout": self.models.layout, "param_mb": self.layout_mb, **peak_memory_mb()}
         summary["memory"] = memory
         summary["kl_coef_final"] = self.kl.value
-        summary["health"] = health.summary() if health is not None else None
-        if health is not None:
-            from alignkit.monitor.health import format_summary
-
-            self.log(format_summary(summary["health"]))
+        summary["health"] = health.summary()
+        self.log(format_summary(summary["health"]))
         peaks = ", ".join(f"{k} {v:.0f}" for k, v in peak_memory_mb().items())
         self.log(f"[alignkit] ppo memory ({self.models.layout}): {peaks}")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), "utf-8")
@@ -424,7 +416,7 @@ class PPOState:
 
 
 def _samples(models: PPOModels, tokenizer, cfg: RunConfig) -> list[Any]:
-    from alignkit.train.run import _sample
+    from alignkit.train.run import sample_generations
 
     with models.as_policy() as module:
-        return _sample(module, tokenizer, cfg)
+        return sample_generations(module, tokenizer, cfg)

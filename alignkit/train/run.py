@@ -67,7 +67,8 @@ def peak_memory_mb() -> dict[str, float]:
     return out
 
 
-def _sample(model, tokenizer, cfg: RunConfig) -> list[Any]:
+def sample_generations(model, tokenizer, cfg: RunConfig) -> list[Any]:
+    """Greedy answers to `train.sample_prompts` (shown before and after training)."""
     from alignkit.rollout.generate import generate_chat
 
     if not cfg.train.sample_prompts:
@@ -153,7 +154,7 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
             f"{len(setup.eval)} eval examples; {params.trainable:,} of {params.total:,} "
             f"parameters trainable; device {acc.device}, {acc.num_processes} process(es)"
         )
-    before = _sample(model, tokenizer, cfg) if acc.is_main_process else []
+    before = sample_generations(model, tokenizer, cfg) if acc.is_main_process else []
     logger = (
         make_loggers(cfg.train.loggers, run_dir, cfg.model_dump(mode="json"))
         if acc.is_main_process
@@ -186,7 +187,7 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
     summary: dict = {}
     if acc.is_main_process:
         save_final(model, tokenizer, run_dir / "final")
-        after = _sample(model, tokenizer, cfg)
+        after = sample_generations(model, tokenizer, cfg)
         summary = summarize(cfg, fit, setup, before, after, params)
         if setup.after_training is not None:
             summary.update(setup.after_training(model, run_dir / "final"))
