@@ -94,8 +94,8 @@ def child(layout: str, args) -> dict:
     data = load_prompt_data(cfg, tokenizer)
     reward = make_reward(cfg, tokenizer, acc.device)
     rss_before = peak_rss_mb()
-    models = build_ppo_models(cfg, acc.device) if layout == "shared" else _separate_lora(
-        cfg, acc.device
+    models = (
+        build_ppo_models(cfg, acc.device) if layout == "shared" else _separate_lora(cfg, acc.device)
     )
     models.train(False)
     set_seed(cfg.train.seed)

@@ -15,3 +15,15 @@ def test_ruff_clean():
         [*cmd, "check", "alignkit", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ruff_formatted():
+    ruff = shutil.which("ruff")
+    cmd = [ruff] if ruff else [sys.executable, "-m", "ruff"]
+    res = subprocess.run(
+        [*cmd, "format", "--check", "alignkit", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, "run `ruff format alignkit tests benchmarks`:\n" + res.stdout

@@ -38,9 +38,7 @@ def pair_logps(module: nn.Module, pairs: list[PairExample], pad_id: int, batch_s
     return torch.cat(rows)
 
 
-def implicit_reward_accuracy(
-    policy: Tensor, reference: Tensor, beta: float
-) -> PairAccuracy:
+def implicit_reward_accuracy(policy: Tensor, reference: Tensor, beta: float) -> PairAccuracy:
     """policy, reference: (n, 2) log-probs of (chosen, rejected)."""
     reward = beta * (policy - reference)  # (n, 2)
     margin = reward[:, 0] - reward[:, 1]

@@ -123,9 +123,7 @@ def _health(summary: dict | None, lines: list | None) -> HealthData | None:
 def _rules(raw: Any) -> list[dict[str, Any]]:
     """Rules as [{rule, status, ...}] from a list of dicts or a {name: status | dict} mapping."""
     if isinstance(raw, dict):
-        raw = [
-            {"rule": k, **(v if isinstance(v, dict) else {"status": v})} for k, v in raw.items()
-        ]
+        raw = [{"rule": k, **(v if isinstance(v, dict) else {"status": v})} for k, v in raw.items()]
     if not isinstance(raw, list):
         return []
     out = []
@@ -225,7 +223,7 @@ def curves_section(rows: list[dict]) -> str:
 
 def health_section(health: HealthData | None) -> str:
     if health is None:
-        text = "not checked: no health data (no \"health\" in summary.json, no health.jsonl)"
+        text = 'not checked: no health data (no "health" in summary.json, no health.jsonl)'
         return section("health", "Run health", note(text))
     parts = []
     if health.findings:
@@ -421,7 +419,7 @@ def render_html(run: RunData) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
-        f"<h1>{esc(title)}</h1><p class=\"note\">{esc(run.run_dir.resolve())}</p>"
+        f'<h1>{esc(title)}</h1><p class="note">{esc(run.run_dir.resolve())}</p>'
         + "".join(sections)
         + "</body></html>\n"
     )

@@ -189,8 +189,7 @@ def load_prompt_data(cfg: RunConfig, tokenizer: Any) -> PromptData:
             f"no training prompts left of {stats.rows_read} rows: {stats.dropped_too_long} "
             f"longer than the {prompt_limit(cfg)} tokens data.max_length leaves after "
             "ppo.max_new_tokens",
-            hint="raise data.max_length, lower ppo.max_new_tokens, or set "
-            "data.truncation=truncate",
+            hint="raise data.max_length, lower ppo.max_new_tokens, or set data.truncation=truncate",
         )
     evals, eval_stats = [], PromptStats()
     if len(eval_located):

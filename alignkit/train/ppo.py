@@ -127,9 +127,7 @@ def make_experience(
     old, ref, values = rollout_forward(models, batch, pcfg.temperature, micro)
     scores = missing_eos_penalty(raw_scores.to(device), rollout.ended, pcfg.missing_eos_penalty)
     mask = batch.response_mask
-    advantages, returns, metrics = compute_advantages(
-        scores, old, ref, values, mask, pcfg, kl_coef
-    )
+    advantages, returns, metrics = compute_advantages(scores, old, ref, values, mask, pcfg, kl_coef)
     lengths = mask.sum(1).float()
     metrics.update(
         {

@@ -40,12 +40,25 @@ def hh_short(tmp_path_factory, data_dir):
 
 
 def run(method, tmp_path, data, *extra):
-    cfg = load_config(None, [
-        f"method={method}", f"output_dir={tmp_path / method}", f"data.train={data}",
-        f"data.eval_size={HELD_OUT}", "data.max_length=256", "data.truncation=drop",
-        "lora.enabled=true", "lora.r=16", "lora.alpha=32", "train.lr=5e-4",
-        "train.warmup_ratio=0.1", "train.progress=false", "train.seed=0", *extra,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"method={method}",
+            f"output_dir={tmp_path / method}",
+            f"data.train={data}",
+            f"data.eval_size={HELD_OUT}",
+            "data.max_length=256",
+            "data.truncation=drop",
+            "lora.enabled=true",
+            "lora.r=16",
+            "lora.alpha=32",
+            "train.lr=5e-4",
+            "train.warmup_ratio=0.1",
+            "train.progress=false",
+            "train.seed=0",
+            *extra,
+        ],
+    )
     return run_training(cfg, log=lambda m: None)
 
 
@@ -53,9 +66,7 @@ def test_dpo_lifts_heldout_accuracy_and_margins(tmp_path_factory, hh_short, smol
     # Measured (CPU, seed 0): held-out accuracy 0 -> 0.60 (60 of 100 pairs), margin 0 -> 0.33,
     # chosen rewards -0.29 against rejected -0.62; 86 steps, about 10 minutes on 2 quiet cores.
     out = tmp_path_factory.mktemp("dpo")
-    summary = run(
-        "dpo", out, hh_short, "train.epochs=2", "train.batch_size=8", "dpo.beta=0.1"
-    )
+    summary = run("dpo", out, hh_short, "train.epochs=2", "train.batch_size=8", "dpo.beta=0.1")
     before, after = summary["eval_before"], summary["eval_after"]
     print(json.dumps({"before": before, "after": after}, indent=1))
     # Before the first step the policy is the reference: every reward is exactly 0.
@@ -78,8 +89,7 @@ def heldout_pair_accuracy(run_dir, data):
     cfg = load_config(run_dir / "config.yaml")
     tok = load_tokenizer(cfg.model)
     pairs = load_preference_data(cfg.data, tok, seed=cfg.train.seed).eval
-    base = load_model(cfg.model, cfg.lora.model_copy(update={"enabled": False}),
-                      for_training=False)
+    base = load_model(cfg.model, cfg.lora.model_copy(update={"enabled": False}), for_training=False)
     model = PeftModel.from_pretrained(base, str(run_dir / "final"))
     return adapter_pair_accuracy(model, pairs, beta=0.1, pad_id=tok.pad_token_id)
 
@@ -92,7 +102,12 @@ def test_kto_lifts_heldout_rewards(tmp_path_factory, hh_short, smollm2_dir):
     # margin 0.31; 43 steps, peak RSS 11.7 GB, about half an hour on a shared 2-core machine.
     out = tmp_path_factory.mktemp("kto")
     summary = run(
-        "kto", out, hh_short, "train.epochs=1", "train.batch_size=8", "train.grad_accum=2",
+        "kto",
+        out,
+        hh_short,
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.grad_accum=2",
         "kto.beta=0.1",
     )
     before, after = summary["eval_before"], summary["eval_after"]

@@ -52,7 +52,12 @@ def setup_for(examples, shared=True):
     method = PairMethod("dpo", {"beta": 0.1}, pad_id=2, shared=shared)
     items = [Indexed("train", i, ex) for i, ex in enumerate(examples)]
     return MethodSetup(
-        method, items, [], [len(e) for e in examples], wrap=LogpsModel, needs_reference=True,
+        method,
+        items,
+        [],
+        [len(e) for e in examples],
+        wrap=LogpsModel,
+        needs_reference=True,
         ref_logps=lambda m, b: segment_logps(m, b, 2 * len(b["index"]))[0],
     )
 
@@ -68,14 +73,20 @@ def test_reference_sources_match_plain_forward(mode, tmp_path, monkeypatch, tiny
 
     policy = lora_policy()
     setup = setup_for(examples)
-    overrides = [f"output_dir={tmp_path / 'run'}", "method=dpo", f"model.name={tiny_model_dir}",
-                 "lora.enabled=true", f"reference.mode={mode}"]
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        "method=dpo",
+        f"model.name={tiny_model_dir}",
+        "lora.enabled=true",
+        f"reference.mode={mode}",
+    ]
     if mode == "copy":
         overrides.append(f"reference.model={tiny_model_dir}")
     cfg = load_config(None, overrides)
     logs = []
-    used = attach_reference(cfg, setup, policy, LogpsModel(policy), Accelerator(cpu=True),
-                            logs.append)
+    used = attach_reference(
+        cfg, setup, policy, LogpsModel(policy), Accelerator(cpu=True), logs.append
+    )
     assert used == mode and any("reference" in m for m in logs)
     batch = setup.method.collate(setup.train)
     got = setup.method.reference(batch).view(2, -1).T  # (n, 2): chosen, rejected
@@ -90,13 +101,21 @@ def test_cache_is_reused_and_keyed_by_data(tmp_path, monkeypatch, tiny_model_dir
     from accelerate import Accelerator
 
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
-    cfg = load_config(None, [f"output_dir={tmp_path / 'r'}", "method=dpo",
-                             f"model.name={tiny_model_dir}", "lora.enabled=true"])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'r'}",
+            "method=dpo",
+            f"model.name={tiny_model_dir}",
+            "lora.enabled=true",
+        ],
+    )
     policy = lora_policy()
     logs = []
     for examples in (pairs(), pairs(), pairs(seed=1)):
-        attach_reference(cfg, setup_for(examples), policy, LogpsModel(policy),
-                         Accelerator(cpu=True), logs.append)
+        attach_reference(
+            cfg, setup_for(examples), policy, LogpsModel(policy), Accelerator(cpu=True), logs.append
+        )
     files = list((tmp_path / "cache" / "reference").glob("*.safetensors"))
     assert len(files) == 2  # the same data twice hits the cache; other data makes a new entry
     assert sum("read from" in m for m in logs) == 1

@@ -176,9 +176,17 @@ def test_dom_holds_the_curves(rendered):
     dom = DomSummary()
     dom.feed(rendered[0])
     assert dom.sections == ["overview", "curves", "health", "eval", "samples", "data", "config"]
-    for metric in ("loss", "eval/loss", "rewards/margins", "eval/rewards/margins",
-                   "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate",
-                   "grad_norm"):
+    for metric in (
+        "loss",
+        "eval/loss",
+        "rewards/margins",
+        "eval/rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "learning_rate",
+        "grad_norm",
+    ):
         assert metric in dom.paths, metric
     # one path vertex per logged value
     assert sum(dom.paths["loss"].count(c) for c in "ML") == TRAIN_STEPS

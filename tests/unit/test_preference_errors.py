@@ -14,8 +14,9 @@ def train(tmp_path, rows, *overrides):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("method: dpo\n")
-    res = runner.invoke(app, ["train", str(cfg), f"data.train={data}",
-                              f"output_dir={tmp_path / 'run'}", *overrides])
+    res = runner.invoke(
+        app, ["train", str(cfg), f"data.train={data}", f"output_dir={tmp_path / 'run'}", *overrides]
+    )
     assert "Traceback" not in res.output
     return res
 
@@ -41,14 +42,22 @@ def test_reference_free_methods_refuse_a_reference(tmp_path):
 
 
 def test_reference_that_does_not_load(tmp_path, tiny_model_dir):
-    res = train(tmp_path, [PAIR] * 4, f"model.name={tiny_model_dir}", "lora.enabled=true",
-                f"reference.model={tmp_path / 'nope'}", "train.progress=false")
+    res = train(
+        tmp_path,
+        [PAIR] * 4,
+        f"model.name={tiny_model_dir}",
+        "lora.enabled=true",
+        f"reference.model={tmp_path / 'nope'}",
+        "train.progress=false",
+    )
     assert res.exit_code != 0 and "does not exist" in res.output
 
 
 def test_kto_label_must_be_boolean(tmp_path, tiny_model_dir):
-    rows = [{"prompt": "a", "completion": "b", "label": True},
-            {"prompt": "c", "completion": "d", "label": "false"}]
+    rows = [
+        {"prompt": "a", "completion": "b", "label": True},
+        {"prompt": "c", "completion": "d", "label": "false"},
+    ]
     res = train(tmp_path, rows, "method=kto", f"model.name={tiny_model_dir}")
     assert res.exit_code != 0 and "pairs.jsonl:2" in res.output and "label" in res.output
 

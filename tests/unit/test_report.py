@@ -207,8 +207,16 @@ def test_full_page_has_every_section_and_a_curve_per_series(tmp_path):
     for sid in ("overview", "curves", "health", "eval", "samples", "data", "config"):
         assert f'<section id="{sid}">' in page
     paths = _paths(page)
-    for metric in ("loss", "eval/loss", "rewards/margins", "eval/rewards/accuracies",
-                   "logps/chosen", "logps/rejected", "learning_rate", "grad_norm"):
+    for metric in (
+        "loss",
+        "eval/loss",
+        "rewards/margins",
+        "eval/rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "learning_rate",
+        "grad_norm",
+    ):
         assert metric in paths, metric
     assert paths["loss"].count("M") + paths["loss"].count("L") == TRAIN_STEPS
     assert paths["eval/loss"].count("M") + paths["eval/loss"].count("L") == len(EVAL_STEPS)
