@@ -23,7 +23,6 @@ from alignkit.data.formats import (
 )
 from alignkit.data.io import LocatedRecords, read_located, read_records
 from alignkit.data.pair_batching import (
-    collate_kto,
     collate_pairs,
     collate_pairs_shared,
     collate_rows,
@@ -122,7 +121,6 @@ __all__ = [
     "PreferenceData",
     "PromptMismatch",
     "Unpaired",
-    "collate_kto",
     "collate_pairs",
     "collate_pairs_shared",
     "collate_rows",

@@ -1,4 +1,4 @@
-"""Batches for preference pairs and KTO, with explicit target positions.
+"""Batches for preference pairs and rows (reward models, KTO), with explicit target positions.
 
 Two layouts for a pair (DESIGN.md, Performance):
 
@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from alignkit.data.batching import additive_mask
-from alignkit.data.preference import KTOExample, PairExample
+from alignkit.data.preference import PairExample
 from alignkit.data.tokenize import IGNORE_INDEX
 
 PaddingSide = Literal["right", "left"]
@@ -169,38 +169,3 @@ def sum_by_segment(values: torch.Tensor, segment: torch.Tensor, num_segments: in
     """(N,) per-target values -> (num_segments,) sums (e.g. per-response log-probs, 2B)."""
     out = values.new_zeros(num_segments)
     return out.index_add(0, segment, values)
-
-
-def _kl_row(prompt: list[int], completion: list[int], max_length: int | None):
-    """A mismatched prompt + completion cut to max_length: the prompt's left side first."""
-    if max_length is None or len(prompt) + len(completion) <= max_length:
-        return prompt, completion
-    room = max(1, max_length - len(completion))
-    return prompt[-room:], completion[: max_length - room]
-
-
-def collate_kto(
-    examples: list[KTOExample],
-    pad_id: int,
-    *,
-    padding_side: PaddingSide = "right",
-    max_length: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """KTO batch: rows of prompt + completion (plain layout, segment = row), ``desirable`` (B,)
-    bool, and the same tensors prefixed ``kl_`` for the KL reference rows.
-
-    KTO (Ethayarajh et al. 2024, sec. 4.1) estimates the reference point z0 = KL(policy || ref)
-    from mismatched pairs: prompt i with the completion of example (i + 1) mod B, as TRL does.
-    A batch of one has no mismatched completion (its KL row is its own): use B >= 2. A mismatched
-    row can exceed the limit each example was fitted to, so pass `max_length` to cut it.
-    """
-    batch = len(examples)
-    out = collate_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_id, padding_side)
-    out["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
-    kl_rows = [
-        _kl_row(e.prompt_ids, examples[(i + 1) % batch].completion_ids, max_length)
-        for i, e in enumerate(examples)
-    ]
-    for key, value in collate_rows(kl_rows, pad_id, padding_side).items():
-        out[f"kl_{key}"] = value
-    return out

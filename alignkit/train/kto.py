@@ -5,6 +5,10 @@ pairs. Each example's mismatched completion is fixed once, when the data is load
 takes the completion of example i + 1 in the shuffled dataset), rather than drawn from whatever
 micro-batch it lands in: the estimate has the same expectation, and the reference log-probs of
 the mismatched rows can then be precomputed and cached like every other reference log-prob.
+
+The mismatched rows only feed z0, which carries no gradient, so the policy sees them in a
+separate forward under `torch.no_grad`: the backward pass covers the matched rows alone, and
+neither kind of row is padded to the other's width.
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ from alignkit.data.preference import KTOExample
 from alignkit.losses import KTOLogps, kto, kto_kl_estimate
 from alignkit.train.forward import LogpsModel
 from alignkit.train.loop import StepOutput
-from alignkit.train.preference import Indexed, count_examples, segment_logps, tag_batch
+from alignkit.train.preference import (
+    TARGET_KEYS,
+    Indexed,
+    count_examples,
+    segment_logps,
+    tag_batch,
+)
 
 
 class KTOItem(NamedTuple):
@@ -66,6 +76,24 @@ def global_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor
     return (total[0] / total[1]).clamp(min=0)
 
 
+ROW_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", *TARGET_KEYS)
+KL_PREFIX = "kl_"  # batch keys of the mismatched rows: kl_input_ids, kl_attention_mask, ...
+
+
+def rows_view(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The row tensors (ids, mask, labels, positions, targets) stored under `prefix`, unprefixed."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in batch.items() if k.startswith(prefix) and k[n:] in ROW_KEYS}
+
+
+def kto_ref_logps(module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(2B,) log-probs of the matched rows, then of the mismatched rows, under `module`."""
+    b = len(batch["index"])
+    matched, _ = segment_logps(module, rows_view(batch), b)
+    mismatched, _ = segment_logps(module, rows_view(batch, KL_PREFIX), b)
+    return torch.cat([matched, mismatched])
+
+
 class KTOMethod:
     """KTO loss per example; the normalisation unit is the example."""
 
@@ -74,14 +102,17 @@ class KTOMethod:
         self.reference = None  # set by attach_reference
 
     def collate(self, items: list[Indexed]) -> dict[str, Any]:
-        """Rows 0..B-1: prompt + completion; rows B..2B-1: prompt + mismatched completion."""
+        """(B, T) rows of prompt + completion, and under `kl_` keys the (B, T') rows of prompt +
+        mismatched completion."""
         kto_items: list[KTOItem] = [it.example for it in items]
-        rows = [(k.example.prompt_ids, k.example.completion_ids) for k in kto_items]
-        rows += [
+        batch = collate_rows(
+            [(k.example.prompt_ids, k.example.completion_ids) for k in kto_items], self.pad_id
+        )
+        kl_rows = [
             fit_kl_row(k.example.prompt_ids, k.kl_completion_ids, self.max_length)
             for k in kto_items
         ]
-        batch = collate_rows(rows, self.pad_id)
+        batch.update({KL_PREFIX + k: v for k, v in collate_rows(kl_rows, self.pad_id).items()})
         batch["desirable"] = torch.tensor([k.example.desirable for k in kto_items])
         return tag_batch(batch, items)
 
@@ -89,14 +120,16 @@ class KTOMethod:
 
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         b = len(batch["index"])
-        logps, _ = segment_logps(model, batch, 2 * b)  # (2B,) matched rows, then mismatched
-        ref = self.reference(batch)  # (2B,)
+        logps, _ = segment_logps(model, rows_view(batch), b)  # (B,)
         # z0 is a constant of the loss (no gradient through it), as in the paper.
+        with torch.no_grad():
+            kl_logps, _ = segment_logps(model, rows_view(batch, KL_PREFIX), b)  # (B,)
+        ref = self.reference(batch)  # (2B,) matched rows, then mismatched
         if model.training and _world_size() > 1:
-            kl = global_kl_estimate(logps[b:].detach(), ref[b:])
+            kl = global_kl_estimate(kl_logps, ref[b:])
         else:
-            kl = kto_kl_estimate(logps[b:].detach(), ref[b:])
-        out = kto(KTOLogps(logps[:b], ref[:b], batch["desirable"], kl), **self.params)
+            kl = kto_kl_estimate(kl_logps, ref[b:])
+        out = kto(KTOLogps(logps, ref[:b], batch["desirable"], kl), **self.params)
         m = out.metrics
         nan = torch.full_like(m["kl"], float("nan"))
         # Per-example values, NaN where the example is of the other kind: the loop averages
@@ -110,7 +143,7 @@ class KTOMethod:
             "logps/rejected": torch.where(m["count/rejected"] > 0, m["logps/rejected_sum"], nan),
             "kl": m["kl"],
         }
-        return StepOutput(out.losses.sum(), metrics, int(batch["attention_mask"][:b].sum()))
+        return StepOutput(out.losses.sum(), metrics, int(batch["attention_mask"].sum()))
 
     @staticmethod
     def finalize_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -146,5 +179,5 @@ def build_kto_method(cfg: RunConfig, tokenizer) -> Any:
             "undesirable": len(data.train) - n_d,
         },
         needs_reference=True,
-        ref_logps=lambda module, batch: segment_logps(module, batch, 2 * len(batch["index"]))[0],
+        ref_logps=kto_ref_logps,
     )

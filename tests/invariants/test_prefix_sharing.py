@@ -16,7 +16,6 @@ from conftest import make_tiny_model
 from alignkit.config import DataConfig
 from alignkit.data.batching import additive_mask
 from alignkit.data.pair_batching import (
-    collate_kto,
     collate_pairs,
     collate_pairs_shared,
     prefix_shared_mask,
@@ -153,23 +152,26 @@ def test_shared_targets_and_positions():
         collate_pairs_shared([PairExample([], [1], [2])], pad_id=0)
 
 
-def test_collate_kto_mismatched_kl_rows():
-    examples = [
-        KTOExample([1, 2], [10, 11], True),
-        KTOExample([3], [20], False),
-        KTOExample([4, 5, 6], [30, 31, 32], True),
+def test_kto_batch_mismatched_kl_rows():
+    """Each example's KL row is its prompt with its fixed partner's completion, in its own
+    `kl_` tensors, cut from the prompt's left when the pair exceeds max_length."""
+    from alignkit.train.kto import KTOItem, KTOMethod, rows_view
+    from alignkit.train.preference import Indexed
+
+    items = [
+        KTOItem(KTOExample([1, 2], [10, 11], True), [20]),
+        KTOItem(KTOExample([3], [20], False), [30, 31, 32]),
+        KTOItem(KTOExample([4, 5, 6], [30, 31, 32], True), [10, 11]),
     ]
-    batch = collate_kto(examples, pad_id=0, max_length=4)
+    method = KTOMethod({}, pad_id=0, max_length=4)
+    batch = method.collate([Indexed("train", i, it) for i, it in enumerate(items)])
     assert batch["desirable"].tolist() == [True, False, True]
+    assert batch["input_ids"].shape == (3, 6)  # the matched rows' own width
     assert batch["input_ids"][1].tolist()[:2] == [3, 20]
-    # prompt i with completion (i + 1) mod B
-    kl = [
-        row[m.bool()].tolist()
-        for row, m in zip(batch["kl_input_ids"], batch["kl_attention_mask"], strict=True)
-    ]
-    assert kl[0] == [1, 2, 20]
-    assert kl[1] == [3, 30, 31, 32]
-    assert kl[2] == [5, 6, 10, 11]  # 3 + 2 tokens > max_length=4: the prompt's left is cut
-    labelled = batch["kl_labels"][2][batch["kl_labels"][2] != -100].tolist()
-    assert labelled == [10, 11]
-    assert batch["kl_segment"].max().item() == 2
+    kl = rows_view(batch, "kl_")
+    ids, mask = kl["input_ids"], kl["attention_mask"]
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
+    assert rows == [[1, 2, 20], [3, 30, 31, 32], [5, 6, 10, 11]]  # 3 + 2 > 4: prompt cut left
+    assert kl["labels"][2][kl["labels"][2] != -100].tolist() == [10, 11]
+    assert kl["segment"].max().item() == 2
+    assert set(rows_view(batch)) == set(kl)  # the same row keys for both kinds

@@ -119,3 +119,77 @@ def test_cache_is_reused_and_keyed_by_data(tmp_path, monkeypatch, tiny_model_dir
     files = list((tmp_path / "cache" / "reference").glob("*.safetensors"))
     assert len(files) == 2  # the same data twice hits the cache; other data makes a new entry
     assert sum("read from" in m for m in logs) == 1
+
+
+def plain_logps(model, prompt: list[int], response: list[int]) -> float:
+    """Full-logits forward of one unpadded row, summed over the response tokens."""
+    ids = torch.tensor([prompt + response])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    start = len(prompt) - 1  # the position predicting the first response token
+    return logp[start:].gather(1, ids[0, 1:][start:, None]).sum().item()
+
+
+def kto_setup(items):
+    from alignkit.train.kto import KTOMethod, kto_ref_logps
+
+    method = KTOMethod({"beta": 0.1}, pad_id=2, max_length=64)
+    indexed = [Indexed("train", i, it) for i, it in enumerate(items)]
+    lengths = [len(it.example.prompt_ids) + len(it.example.completion_ids) for it in items]
+    return MethodSetup(
+        method, indexed, [], lengths, wrap=LogpsModel, needs_reference=True,
+        ref_logps=kto_ref_logps,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["cache", "adapter"])
+def test_kto_reference_and_loss_match_plain_rows(mode, tmp_path, monkeypatch, tiny_model_dir):
+    """KTO's matched and mismatched (KL) rows, batched separately: the reference gives the base
+    model's log-probs of both kinds, and the step's loss is KTO of plain unpadded forwards."""
+    from accelerate import Accelerator
+
+    from alignkit.data.preference import KTOExample
+    from alignkit.losses import KTOLogps, kto, kto_kl_estimate
+    from alignkit.train.kto import with_mismatched
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    examples = [
+        KTOExample(p.prompt_ids, p.chosen_ids if i % 2 else p.rejected_ids, bool(i % 2))
+        for i, p in enumerate(pairs())
+    ]
+    items = with_mismatched(examples, seed=0)
+    base = make_tiny_model(seed=0)
+    rows = [(it.example.prompt_ids, it.example.completion_ids) for it in items]
+    rows += [(it.example.prompt_ids, it.kl_completion_ids) for it in items]
+    expected_ref = torch.tensor([plain_logps(base, p, r) for p, r in rows])  # (2B,)
+
+    policy = lora_policy()
+    setup = kto_setup(items)
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "method=kto",
+            f"model.name={tiny_model_dir}",
+            "lora.enabled=true",
+            f"reference.mode={mode}",
+        ],
+    )
+    used = attach_reference(
+        cfg, setup, policy, LogpsModel(policy), Accelerator(cpu=True), lambda m: None
+    )
+    assert used == mode
+    batch = setup.method.collate(setup.train)
+    torch.testing.assert_close(setup.method.reference(batch), expected_ref, atol=1e-4, rtol=1e-5)
+
+    out = setup.method.step(LogpsModel(policy), batch)
+    with torch.no_grad():
+        pol = torch.tensor([plain_logps(policy, p, r) for p, r in rows])  # (2B,)
+    b = len(items)
+    assert (pol - expected_ref).abs().max() > 1e-2  # the policy differs from the reference
+    desirable = torch.tensor([it.example.desirable for it in items])
+    z0 = kto_kl_estimate(pol[b:], expected_ref[b:])
+    assert z0 > 1e-2  # not clamped to 0: a KL estimate from the wrong rows would show
+    torch.testing.assert_close(out.metrics["kl"], z0.expand(b), atol=1e-4, rtol=1e-4)
+    want = kto(KTOLogps(pol[:b], expected_ref[:b], desirable, z0), beta=0.1).losses.sum()
+    torch.testing.assert_close(out.loss_sum.detach(), want, atol=1e-4, rtol=1e-4)
+    assert out.loss_sum.requires_grad
