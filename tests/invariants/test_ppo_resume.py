@@ -112,3 +112,26 @@ def test_resumed_ppo_equals_continuous(layout, tiny_model_dir, data_dir, tmp_pat
     assert any(not torch.equal(final[k], at_step_2[k]) for k in at_step_2)
     kl_coefs = [r["kl_coef"] for r in metric_rows(full_dir) if "kl_coef" in r]
     assert len(set(kl_coefs)) == 4
+
+
+def test_ppo_interrupt_without_checkpoints_says_how_to_get_them(
+    tiny_model_dir, data_dir, tmp_path, monkeypatch
+):
+    cfg = ppo_config(tiny_model_dir, data_dir, tmp_path / "run", "shared-lora")
+    cfg.train.save_every = None
+    interrupt_at_call(monkeypatch, 2)
+    with pytest.raises(Interrupted, match="after step 1/4, with no checkpoint") as err:
+        run_training(cfg, log=lambda m: None)
+    assert "train.save_every" in err.value.hint
+
+
+def test_ppo_refuses_a_checkpoint_another_method_wrote(tiny_model_dir, data_dir, tmp_path):
+    from alignkit.errors import AlignkitError
+    from alignkit.train.checkpoint import STATE_FILE
+
+    out = tmp_path / "run"
+    foreign = out / "checkpoints" / "step-1"
+    foreign.mkdir(parents=True)
+    (foreign / STATE_FILE).write_text(json.dumps({"step": 1}))  # e.g. from an sft run
+    with pytest.raises(AlignkitError, match="not written by a ppo run"):
+        run_training(ppo_config(tiny_model_dir, data_dir, out, "shared-lora"), log=lambda m: None)
