@@ -19,6 +19,10 @@ LN2 = math.log(2.0)
 # Sigmoid-loss methods whose loss is exactly ln 2 while chosen and rejected rewards are equal
 # (DPO, -log sigmoid(0); robust DPO's de-biased form gives ln 2 at zero margin as well).
 STUCK_LOSS = {"dpo": LN2, "robust_dpo": LN2}
+# Methods whose rewards are the policy's own log-probs (against a reference, or length-normalised):
+# there a falling chosen reward means the chosen answers became less likely. A reward model's
+# scores have no fixed level (Bradley-Terry sees differences only), so the rule is not for it.
+POLICY_REWARDS = frozenset({"dpo", "ipo", "hinge", "robust_dpo", "simpo", "orpo", "kto"})
 DEFAULT_KL_TARGET = 6.0  # the adaptive KL controller's usual target (Ziegler et al. 2019)
 
 
@@ -400,6 +404,7 @@ RULES: tuple[Rule, ...] = (
         "lower train.lr, raise beta, add an SFT/NLL term on chosen responses, or use a "
         "length-normalised loss (simpo, ipo)",
         chosen_falling,
+        POLICY_REWARDS,
     ),
     Rule(
         "eval_margins_diverge",

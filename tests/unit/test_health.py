@@ -255,6 +255,18 @@ def test_labels_rule_only_for_sft():
     assert entry["status"] == "not applicable" and "dpo" in entry["detail"]
 
 
+def test_falling_chosen_scores_are_not_displacement_in_a_reward_model():
+    # A reward model's scores drift as a whole (Bradley-Terry sees differences only): the same
+    # stream that is likelihood displacement in DPO says nothing about a reward model.
+    falling = {"rewards/chosen": noisy(lambda f: -1.5 * f, 0.1)}
+    _, found = feed(stream("dpo", 0, falling), "dpo")
+    assert steps_of(found, "chosen_rewards_falling")
+    monitor, found = feed(stream("dpo", 0, falling), "reward")
+    assert steps_of(found, "chosen_rewards_falling") == []
+    entry = next(r for r in monitor.summary()["rules"] if r["rule"] == "chosen_rewards_falling")
+    assert entry["status"] == "not applicable"
+
+
 def test_summary_lists_every_rule_with_status():
     rows = stream("dpo", 0, FAILURES["margins_not_growing"][1])
     monitor, found = feed(rows, "dpo")
