@@ -101,7 +101,7 @@ def child(layout: str, args) -> dict:
     set_seed(cfg.train.seed)
     stops = stop_token_ids(tokenizer, models.policy)
     state = PPOState(cfg, models, tokenizer, reward, stops, acc, Path(out), lambda m: None)
-    opt = state._optim(args.steps)
+    opt = state.make_optim(args.steps)
     stream = PromptStream(len(data.train), cfg.ppo.rollout_batch_size, cfg.train.seed)
     steps = []
     for _ in range(args.steps):

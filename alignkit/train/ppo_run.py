@@ -200,7 +200,8 @@ class PPOState:
         self.layout_mb: dict[str, float] = {}
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
 
-    def _optim(self, steps: int) -> Optim:
+    def make_optim(self, steps: int) -> Optim:
+        """Optimizer, schedule (over every update in `steps` PPO steps) and accelerator hooks."""
         from alignkit.train.loop import make_optimizer, make_scheduler
 
         trainable = self.models.trainable()
@@ -261,7 +262,7 @@ class PPOState:
 
         cfg = self.cfg
         steps = ppo_steps(cfg, len(data.train))
-        opt = self._optim(steps)
+        opt = self.make_optim(steps)
         stream = PromptStream(len(data.train), cfg.ppo.rollout_batch_size, cfg.train.seed)
         eval_prompts = data.eval[: cfg.ppo.eval_prompts]
         fit = FitResult(TrainerState(), {})
