@@ -17,6 +17,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -362,6 +363,27 @@ def trl_result(trainer, timer, t0: float, ready: float, rss_ready: float) -> dic
 # --------------------------------------------------------------------------------- parent
 
 
+def make_workdir(workdir: Path | None, prefix: str) -> Path:
+    """The benchmark's working directory: the one given (created if missing) or a new temp one."""
+    path = (workdir or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def held_settings(args: Any) -> dict[str, Any]:
+    """The training settings every side-by-side benchmark holds equal, from its arguments."""
+    return {
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "lr": args.lr,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "seed": args.seed,
+        "threads": args.threads,
+    }
+
+
 def write_spec(args: Any, facts: dict[str, Any], workdir: Path, **method: Any) -> Path:
     """Write the children's spec: the data facts, the settings every pair benchmark holds equal
     (adapter, batch, optimiser, seed) and the method's own (`method`); print the machine."""
@@ -370,15 +392,8 @@ def write_spec(args: Any, facts: dict[str, Any], workdir: Path, **method: Any) -
         "workdir": str(workdir),
         "initial_adapter": str(workdir / "initial_adapter.safetensors"),
         "target_modules": QKVO,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "lr": args.lr,
-        "lora_r": args.lora_r,
-        "lora_alpha": args.lora_alpha,
-        "lora_dropout": args.lora_dropout,
+        **held_settings(args),
         "max_grad_norm": args.max_grad_norm,
-        "seed": args.seed,
-        "threads": args.threads,
         **method,
     }
     spec_path = workdir / "spec.json"

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -305,8 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             "--runs takes fast, parity, fast-grouped and trl (trl is the baseline, required)"
         )
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="dpo_vs_trl_"))).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = common.make_workdir(args.workdir, "dpo_vs_trl_")
     facts = prepare(args, workdir)
     spec_path = common.write_spec(
         args,

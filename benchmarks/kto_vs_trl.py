@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -288,8 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         common.child_main(args.child, args.spec, RUNNERS)
         return
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="kto_vs_trl_"))).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = common.make_workdir(args.workdir, "kto_vs_trl_")
     facts = prepare(args, workdir)
     spec_path = common.write_spec(
         args,

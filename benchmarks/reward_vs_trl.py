@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -382,8 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--runs takes fast, parity and trl (trl is the baseline, required)")
     if args.heldout < 1:
         raise SystemExit("--heldout must be at least 1")
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="reward_vs_trl_"))).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = common.make_workdir(args.workdir, "reward_vs_trl_")
     facts = prepare(args, workdir)
     spec_path = common.write_spec(
         args,

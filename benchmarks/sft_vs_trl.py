@@ -43,7 +43,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -449,8 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     common.importable_alignkit()
     from alignkit.models.resolve import resolve_model
 
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="sft_vs_trl_"))).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = common.make_workdir(args.workdir, "sft_vs_trl_")
     rows = args.rows or args.steps * args.batch_size
     data = workdir / "train.jsonl"
     rows = write_rows(args.data, rows, data)
@@ -462,14 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         "order": order,
         "workdir": str(workdir),
         "steps": args.steps,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "lr": args.lr,
-        "lora_r": args.lora_r,
-        "lora_alpha": args.lora_alpha,
-        "lora_dropout": args.lora_dropout,
-        "seed": args.seed,
-        "threads": args.threads,
+        **common.held_settings(args),
         "device": args.device,
         "trl_tokens": args.trl_tokens,
     }
