@@ -7,16 +7,17 @@
 Child processes, one after the other (this file run with ``--child``), each reporting its
 own peak RSS (``ru_maxrss``) and timings:
 
-- ``fast``: alignkit's defaults: one prefix-shared row per pair (prompt once, both responses
-  after it), reference log-probs precomputed once with the adapter disabled (a fresh
+- ``fast``: alignkit's defaults: one prefix-shared block per pair (prompt once, both responses
+  after it), a micro-batch's blocks packed into one row without padding and attended block by
+  block, reference log-probs precomputed once with the adapter disabled (a fresh
   ``ALIGNKIT_CACHE`` per run, so nothing is read from an earlier run), chunked log-probs;
 - ``parity``: the same with ``train.parity=true``: the plain layout (prompt + chosen and
   prompt + rejected as two rows), reference still precomputed;
 - ``trl``: ``DPOTrainer`` with ``peft_config``: its reference is the policy with the adapter
   disabled, computed live at every step (``precompute_ref_log_probs=False``, its default);
 - ``fast-grouped`` (only when ``--runs`` names it): ``fast`` with alignkit's default
-  ``train.group_by_length=true`` (batches of similar lengths, so less padding). Its batches are
-  not TRL's, so its time and memory compare, its per-step losses do not.
+  ``train.group_by_length=true`` (batches of similar lengths). Its batches are not TRL's, so its
+  time and memory compare, its per-step losses do not.
 
 alignkit's time is its reference precompute plus its training loop (the precompute happens before
 the loop and is part of the work); TRL's is its training loop (the reference forward is inside

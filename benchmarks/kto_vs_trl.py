@@ -4,14 +4,15 @@
     python benchmarks/kto_vs_trl.py --pairs 8        # a quick check
     python benchmarks/kto_vs_trl.py --trl-inputs alignkit   # TRL gets alignkit's ids and KL rows
 
-Two child processes, one after the other (this file run with ``--child``), each reporting its own
-peak RSS (``ru_maxrss``) and timings: ``alignkit`` (``method=kto`` with its defaults: reference
-log-probs of every example and of its mismatched KL row precomputed once with the adapter
-disabled, in a fresh ``ALIGNKIT_CACHE``) and ``trl`` (``KTOTrainer`` with ``peft_config``: the
-reference is the policy with the adapter disabled, computed live at every step,
-``precompute_ref_log_probs=False``). alignkit's time is its reference precompute plus its loop;
-TRL's is its loop. ``train.parity`` changes nothing for KTO (its rows are always plain), so there
-is one alignkit run.
+Child processes, one after the other (this file run with ``--child``), each reporting its own
+peak RSS (``ru_maxrss``) and timings: ``alignkit`` (``method=kto`` with its defaults: each
+micro-batch's rows, and its mismatched KL rows, packed into one row without padding; reference
+log-probs of every example and of its KL row precomputed once with the adapter disabled, in a
+fresh ``ALIGNKIT_CACHE``) and ``trl`` (``KTOTrainer`` with ``peft_config``: the reference is the
+policy with the adapter disabled, computed live at every step,
+``precompute_ref_log_probs=False``); with ``--parity``, also ``parity`` (alignkit with
+``train.parity=true``: padded rows, as TRL lays them out). alignkit's time is its reference
+precompute plus its loop; TRL's is its loop.
 
 The pairs, the LoRA adapter (one initial adapter loaded by both), the optimiser, the clipping and
 the model settings are made equal as in ``dpo_vs_trl.py`` (see its docstring). KTO specifics:
@@ -94,13 +95,12 @@ def alignkit_overrides(spec: dict[str, Any], output_dir: str) -> list[str]:
     ]
 
 
-def run_alignkit(spec: dict[str, Any]) -> dict[str, Any]:
+def run_alignkit(spec: dict[str, Any], parity: bool = False) -> dict[str, Any]:
     common.set_threads(spec["threads"])
-    out_dir = Path(spec["workdir"]) / "alignkit_run"
-    result = common.run_alignkit_timed(
-        alignkit_overrides(spec, str(out_dir)), out_dir, spec["initial_adapter"]
-    )
-    return {"framework": "alignkit", "mode": "default", **result}
+    out_dir = Path(spec["workdir"]) / ("alignkit_parity" if parity else "alignkit_run")
+    overrides = alignkit_overrides(spec, str(out_dir)) + [f"train.parity={str(parity).lower()}"]
+    result = common.run_alignkit_timed(overrides, out_dir, spec["initial_adapter"])
+    return {"framework": "alignkit", "mode": "parity" if parity else "default", **result}
 
 
 # -------------------------------------------------------------------------------------- TRL
@@ -182,7 +182,12 @@ def run_init(spec: dict[str, Any]) -> dict[str, Any]:
     return common.make_initial_adapter(spec, Path(spec["initial_adapter"]))
 
 
-RUNNERS = {"init": run_init, "alignkit": run_alignkit, "trl": run_trl}
+RUNNERS = {
+    "init": run_init,
+    "alignkit": run_alignkit,
+    "parity": lambda spec: run_alignkit(spec, parity=True),
+    "trl": run_trl,
+}
 
 
 # ----------------------------------------------------------------------------------- parent
@@ -275,6 +280,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "gets alignkit's ids and KL completions",
     )
     p.add_argument("--first", choices=["alignkit", "trl"], default="alignkit")
+    p.add_argument(
+        "--parity",
+        action="store_true",
+        help="also run alignkit with train.parity=true (padded rows), after the alignkit child",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="default: a new temp directory")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
     p.add_argument("--child", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
@@ -308,9 +318,10 @@ def main(argv: list[str] | None = None) -> None:
         print("[bench] warning: examples not a multiple of the batch size: the last one is short")
     init = common.run_child(SCRIPT, "init", spec_path, workdir)
     print(f"[bench] initial adapter: {init}")
-    names = ["alignkit", "trl"] if args.first == "alignkit" else ["trl", "alignkit"]
+    ours = ["alignkit", "parity"] if args.parity else ["alignkit"]
+    names = ours + ["trl"] if args.first == "alignkit" else ["trl", *ours]
     results = common.run_children(SCRIPT, names, spec_path, workdir)
-    results = {"alignkit": results["alignkit"], "trl": results["trl"]}
+    results = {name: results[name] for name in [*ours, "trl"]}
     common.print_init_digests(results)
     tok = results["trl"]["tokens_vs"]
     print(

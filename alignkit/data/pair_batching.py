@@ -18,11 +18,19 @@ the token, ``segment`` the response it belongs to: pair i's chosen reply is segm
 reply ``B + i`` (the plain layout's row numbers), so ``sum_by_segment`` gives the same (2B,)
 per-response sums from either layout, and one forward function serves both:
 ``hidden[pred_rows, pred_cols]`` -> log-prob of ``target_ids`` -> ``sum_by_segment``.
+
+Either kind of row can also be *packed* (the default in training: `collate_packed_pairs`,
+`collate_packed_rows`): the micro-batch's rows are laid back to back in one row (1, N) with no
+padding, a block mask that keeps each example to itself, positions that restart at each example,
+and ``spans`` (K, 3) giving each example's start, end and whether its block is plain causal (a
+row; a prefix-shared pair is not), so attention can run example by example
+(:mod:`alignkit.ops.packed_attention`). Every target keeps its context and position, so the
+log-probs are those of the unpacked rows.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -163,6 +171,84 @@ def collate_pairs_shared(
         "position_ids": position_ids,
         **_cat_targets(chosen_parts + rejected_parts),
     }
+
+
+class _Block(NamedTuple):
+    """One example's part of a packed row: its tokens, positions and mask (None: causal)."""
+
+    ids: list[int]
+    positions: torch.Tensor  # (n,)
+    mask: torch.Tensor | None  # (n, n) bool, True = may attend
+
+
+def _pack(blocks: list[_Block], pad_id: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Blocks back to back in one row: input_ids, position_ids (1, N), attention_mask
+    (1, 1, N, N) bool, spans (K, 3); and each block's first column."""
+    width = sum(len(b.ids) for b in blocks)
+    input_ids = torch.full((1, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((1, width), dtype=torch.long)
+    mask = torch.zeros((1, 1, width, width), dtype=torch.bool)
+    spans, starts, s = [], [], 0
+    for b in blocks:
+        n = len(b.ids)
+        input_ids[0, s : s + n] = torch.tensor(b.ids, dtype=torch.long)
+        position_ids[0, s : s + n] = b.positions
+        block = b.mask if b.mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
+        mask[0, 0, s : s + n, s : s + n] = block
+        spans.append((s, s + n, int(b.mask is None)))
+        starts.append(s)
+        s += n
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "spans": torch.tensor(spans, dtype=torch.long).view(-1, 3),
+    }
+    return batch, starts
+
+
+def collate_packed_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
+    """Rows of prompt + response packed into one (1, N) row, with targets (segment = row index)
+    and spans; the log-probs equal `collate_rows`' on the same rows."""
+    blocks = []
+    for prompt, response in rows:
+        _check_prompt(prompt)
+        n = len(prompt) + len(response)
+        blocks.append(_Block(prompt + response, torch.arange(n), None))
+    batch, starts = _pack(blocks, pad_id)
+    parts = [
+        _targets(0, s + len(p), s + len(p) - 1, r, segment=i)
+        for i, ((p, r), s) in enumerate(zip(rows, starts, strict=True))
+    ]
+    return {**batch, **_cat_targets(parts)}
+
+
+def collate_packed_pairs(examples: list[PairExample], pad_id: int) -> dict[str, Any]:
+    """Prefix-shared rows ``[prompt, chosen, rejected]`` packed into one (1, N) row: no padding,
+    targets as in `collate_pairs_shared` (chosen segment i, rejected B + i), plus spans."""
+    blocks = []
+    for e in examples:
+        _check_prompt(e.prompt_ids)
+        p, c, r = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
+        positions = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+        mask = prefix_shared_mask(p, c, r, p + c + r)
+        ids = e.prompt_ids + e.chosen_ids + e.rejected_ids
+        blocks.append(_Block(ids, positions, mask))
+    batch, starts = _pack(blocks, pad_id)
+    b = len(examples)
+    chosen, rejected = [], []
+    for i, (e, s) in enumerate(zip(examples, starts, strict=True)):
+        p, c = len(e.prompt_ids), len(e.chosen_ids)
+        chosen.append(_targets(0, s + p, s + p - 1, e.chosen_ids, segment=i))
+        rejected.append(_targets(0, s + p + c, s + p - 1, e.rejected_ids, segment=b + i))
+    return {**batch, **_cat_targets(chosen + rejected)}
+
+
+def token_count(batch: dict[str, Any]) -> int:
+    """Real (non-padding) tokens of a collated batch, packed or padded."""
+    if "spans" in batch:
+        return int(batch["spans"][:, 1].max()) if len(batch["spans"]) else 0
+    return int(batch["attention_mask"].sum())
 
 
 def sum_by_segment(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:

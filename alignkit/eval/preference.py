@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from alignkit.data.pair_batching import collate_pairs_shared
+from alignkit.data.pair_batching import collate_packed_pairs
 from alignkit.data.preference import PairExample
 from alignkit.train.forward import LogpsModel
 from alignkit.train.preference import segment_logps
@@ -33,7 +33,7 @@ def pair_logps(module: nn.Module, pairs: list[PairExample], pad_id: int, batch_s
     rows = []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
-        logps, _ = segment_logps(module, collate_pairs_shared(chunk, pad_id), 2 * len(chunk))
+        logps, _ = segment_logps(module, collate_packed_pairs(chunk, pad_id), 2 * len(chunk))
         rows.append(logps.view(2, -1).T)  # (b, 2)
     return torch.cat(rows)
 
@@ -62,7 +62,7 @@ def pair_scores(
     logps, tokens = [], []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs_shared(chunk, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_packed_pairs(chunk, pad_id).items()}
         lp, tok = segment_logps(module, batch, 2 * len(chunk))  # (2b,): chosen then rejected
         logps.append(lp.float().cpu().view(2, -1).T)  # (b, 2)
         tokens.append(tok.float().cpu().view(2, -1).T)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from alignkit.data.batching import additive_mask
 from alignkit.ops.logps import label_positions, per_sequence_sum, target_logps
+from alignkit.ops.packed_attention import span_kwargs
 
 
 class SequenceLogps(NamedTuple):
@@ -47,8 +48,17 @@ class LogpsModel(nn.Module):
     def _hf(self) -> nn.Module:
         return unwrap_hf(self.model)
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor):
-        """(B, T) inputs -> (B, T, H) last hidden states, adapters active."""
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        spans: Tensor | None = None,
+    ):
+        """(B, T) inputs -> (B, T, H) last hidden states, adapters active. A packed row (B=1)
+        may name its examples' `spans` (K, 3): start, end, causal; attention then runs
+        per example (:mod:`alignkit.ops.packed_attention`), with the same result as
+        the block mask."""
         hf = self._hf()
         backbone = hf.base_model  # e.g. LlamaModel: the decoder without its LM head
         if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
@@ -61,6 +71,7 @@ class LogpsModel(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **span_kwargs(backbone, spans),
         )
         return out.last_hidden_state
 
@@ -76,6 +87,7 @@ class LogpsModel(nn.Module):
         target_ids: Tensor | None = None,
         segment: Tensor | None = None,
         num_segments: int | None = None,
+        spans: Tensor | None = None,
     ) -> SequenceLogps:
         """Log-probs of the labelled tokens, summed per sequence (or per segment).
 
@@ -84,13 +96,14 @@ class LogpsModel(nn.Module):
         `pred_rows`, `pred_cols` (N,) name the hidden state that predicts each of `target_ids`
         (N,), and `segment` (N,) in [0, num_segments) says which sum each one joins; prefix-shared
         preference rows need this, since a rejected response's first token is predicted from
-        the prompt's last position, not from the token before it in the row.
+        the prompt's last position, not from the token before it in the row. `spans` (K, 3)
+        marks the examples of a packed row (see :meth:`hidden_states`).
         """
         if position_ids is None:
             if attention_mask.dim() == 4:
                 raise ValueError("a packed (4D-mask) batch must come with its position_ids")
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, spans)
         if labels is not None:
             pos = label_positions(labels)
             rows, cols, targets = pos.rows, pos.cols, pos.targets

@@ -7,8 +7,12 @@ micro-batch it lands in: the estimate has the same expectation, and the referenc
 the mismatched rows can then be precomputed and cached like every other reference log-prob.
 
 The mismatched rows only feed z0, which carries no gradient, so the policy sees them in a
-separate forward under `torch.no_grad`: the backward pass covers the matched rows alone, and
-neither kind of row is padded to the other's width.
+separate forward under `torch.no_grad`: the backward pass covers the matched rows alone. Each
+kind of row is packed into one row without padding, unless `train.parity` asks for padded rows.
+Packed, the reference sees each prompt once, with its own completion and its mismatched one after
+it (the prefix-shared block of the pair methods), so its pass over both kinds of row costs one
+prompt per example instead of two. A mismatched row then keeps its whole prompt; padded, it is cut
+from the left to fit `data.max_length` (as TRL does).
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ import torch
 from torch import nn
 
 from alignkit.config import RunConfig
-from alignkit.data.pair_batching import collate_rows
-from alignkit.data.preference import KTOExample
+from alignkit.data.pair_batching import (
+    collate_packed_pairs,
+    collate_packed_rows,
+    collate_rows,
+    token_count,
+)
+from alignkit.data.preference import KTOExample, PairExample
 from alignkit.losses import KTOLogps, kto, kto_kl_estimate
 from alignkit.train.forward import LogpsModel
 from alignkit.train.loop import StepOutput
@@ -76,8 +85,9 @@ def global_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor
     return (total[0] / total[1]).clamp(min=0)
 
 
-ROW_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", *TARGET_KEYS)
+ROW_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "spans", *TARGET_KEYS)
 KL_PREFIX = "kl_"  # batch keys of the mismatched rows: kl_input_ids, kl_attention_mask, ...
+REF_PREFIX = "ref_"  # packed only: [prompt, completion, mismatched completion] blocks
 
 
 def rows_view(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -89,6 +99,8 @@ def rows_view(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def kto_ref_logps(module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """(2B,) log-probs of the matched rows, then of the mismatched rows, under `module`."""
     b = len(batch["index"])
+    if REF_PREFIX + "input_ids" in batch:  # one forward, each prompt once: segments i and B + i
+        return segment_logps(module, rows_view(batch, REF_PREFIX), 2 * b)[0]
     matched, _ = segment_logps(module, rows_view(batch), b)
     mismatched, _ = segment_logps(module, rows_view(batch, KL_PREFIX), b)
     return torch.cat([matched, mismatched])
@@ -97,22 +109,36 @@ def kto_ref_logps(module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 class KTOMethod:
     """KTO loss per example; the normalisation unit is the example."""
 
-    def __init__(self, params: dict, pad_id: int, max_length: int):
+    def __init__(self, params: dict, pad_id: int, max_length: int, packed: bool = True):
         self.params, self.pad_id, self.max_length = params, pad_id, max_length
+        self.packed = packed
         self.reference = None  # set by attach_reference
 
     def collate(self, items: list[Indexed]) -> dict[str, Any]:
-        """(B, T) rows of prompt + completion, and under `kl_` keys the (B, T') rows of prompt +
-        mismatched completion."""
+        """Rows of prompt + completion, and under `kl_` keys the rows of prompt + mismatched
+        completion: each kind packed into one row (plus the reference's `ref_` blocks), or
+        (B, T) padded rows in parity mode."""
         kto_items: list[KTOItem] = [it.example for it in items]
-        batch = collate_rows(
-            [(k.example.prompt_ids, k.example.completion_ids) for k in kto_items], self.pad_id
-        )
-        kl_rows = [
-            fit_kl_row(k.example.prompt_ids, k.kl_completion_ids, self.max_length)
-            for k in kto_items
-        ]
-        batch.update({KL_PREFIX + k: v for k, v in collate_rows(kl_rows, self.pad_id).items()})
+        matched = [(k.example.prompt_ids, k.example.completion_ids) for k in kto_items]
+        if self.packed:
+            batch = collate_packed_rows(matched, self.pad_id)
+            kl = collate_packed_rows(
+                [(k.example.prompt_ids, k.kl_completion_ids) for k in kto_items], self.pad_id
+            )
+            blocks = [
+                PairExample(p, c, k.kl_completion_ids)
+                for k, (p, c) in zip(kto_items, matched, strict=True)
+            ]
+            ref = collate_packed_pairs(blocks, self.pad_id)
+            batch.update({REF_PREFIX + k: v for k, v in ref.items()})
+        else:
+            batch = collate_rows(matched, self.pad_id)
+            kl_rows = [
+                fit_kl_row(k.example.prompt_ids, k.kl_completion_ids, self.max_length)
+                for k in kto_items
+            ]
+            kl = collate_rows(kl_rows, self.pad_id)
+        batch.update({KL_PREFIX + k: v for k, v in kl.items()})
         batch["desirable"] = torch.tensor([k.example.desirable for k in kto_items])
         return tag_batch(batch, items)
 
@@ -143,7 +169,7 @@ class KTOMethod:
             "logps/rejected": torch.where(m["count/rejected"] > 0, m["logps/rejected_sum"], nan),
             "kl": m["kl"],
         }
-        return StepOutput(out.losses.sum(), metrics, int(batch["attention_mask"].sum()))
+        return StepOutput(out.losses.sum(), metrics, token_count(batch))
 
     @staticmethod
     def finalize_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -167,7 +193,9 @@ def build_kto_method(cfg: RunConfig, tokenizer) -> Any:
     n_d = sum(ex.desirable for ex in data.train)
     stats = {k: v for k, v in vars(data.stats).items() if not k.startswith("_")}
     return MethodSetup(
-        method=KTOMethod(cfg.method_params(), pad_id, cfg.data.max_length),
+        method=KTOMethod(
+            cfg.method_params(), pad_id, cfg.data.max_length, packed=not cfg.train.parity
+        ),
         train=[Indexed("train", i, it) for i, it in enumerate(train_items)],
         eval=[Indexed("eval", i, it) for i, it in enumerate(eval_items)],
         lengths=kto_lengths(train_items),
@@ -177,6 +205,7 @@ def build_kto_method(cfg: RunConfig, tokenizer) -> Any:
             **stats,
             "desirable": n_d,
             "undesirable": len(data.train) - n_d,
+            "layout": "plain" if cfg.train.parity else "packed",
         },
         needs_reference=True,
         ref_logps=kto_ref_logps,

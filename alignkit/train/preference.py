@@ -2,8 +2,9 @@
 
 A micro-batch is B pairs; its normalisation unit is the pair, so the loss of a step is the mean
 over the pairs of the whole accumulated global batch. The policy's log-probs come from one forward
-over prefix-shared rows (prompt once, both responses after it) unless `train.parity` asks for the
-plain layout; the reference's come from the source `alignkit.train.reference` picked.
+over prefix-shared rows (prompt once, both responses after it), packed into one row without
+padding, unless `train.parity` asks for the plain layout (two padded rows per pair); the
+reference's come from the source `alignkit.train.reference` picked.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.config import RunConfig
-from alignkit.data.pair_batching import collate_pairs, collate_pairs_shared
+from alignkit.data.pair_batching import collate_packed_pairs, collate_pairs, token_count
 from alignkit.data.preference import PairExample
 from alignkit.losses import PREFERENCE_LOSSES, PairLogps, needs_reference
 from alignkit.train.forward import LogpsModel
@@ -45,12 +46,14 @@ def count_examples(batch: dict[str, Any]) -> float:
 
 
 def segment_logps(model: nn.Module, batch: dict[str, Tensor], num_segments: int):
-    """(S,) per-response summed log-probs and token counts from explicit targets."""
+    """(S,) per-response summed log-probs and token counts from explicit targets; a packed
+    batch's spans go along."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         num_segments=num_segments,
+        spans=batch.get("spans"),
         **{k: batch[k] for k in TARGET_KEYS},
     )
     return out.seq_logps, out.seq_tokens
@@ -85,7 +88,7 @@ class PairMethod:
     def collate(self, items: list[Indexed]) -> dict[str, Any]:
         examples = [it.example for it in items]
         if self.shared:
-            batch = collate_pairs_shared(examples, self.pad_id)
+            batch = collate_packed_pairs(examples, self.pad_id)
         else:
             batch = collate_pairs(examples, self.pad_id)
         return tag_batch(batch, items)
@@ -101,8 +104,7 @@ class PairMethod:
             ref_c, ref_r = ref[:b], ref[b:]
         lp = PairLogps(logps[:b], logps[b:], ref_c, ref_r, tokens[:b], tokens[b:])
         out = self.loss_fn(lp, **self.params)
-        n_tokens = int(batch["input_ids"].numel() if self.shared else batch["attention_mask"].sum())
-        return StepOutput(out.losses.sum(), out.metrics, n_tokens)
+        return StepOutput(out.losses.sum(), out.metrics, token_count(batch))
 
 
 def pair_length(ex: PairExample, shared: bool) -> int:
@@ -127,7 +129,11 @@ def build_pairs_method(cfg: RunConfig, tokenizer) -> Any:
         eval=evals,
         lengths=[pair_length(ex, shared) for ex in data.train],
         wrap=lambda m: LogpsModel(m, chunk_size=cfg.train.logps_chunk_size),
-        info={"format": data.format, **stats, "layout": "prefix-shared" if shared else "plain"},
+        info={
+            "format": data.format,
+            **stats,
+            "layout": "prefix-shared, packed" if shared else "plain",
+        },
         needs_reference=needs_reference(cfg.method),
         ref_logps=lambda module, batch: segment_logps(module, batch, 2 * len(batch["index"]))[0],
     )

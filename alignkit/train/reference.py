@@ -184,7 +184,8 @@ def attach_reference(cfg, setup, model: nn.Module, wrapped: nn.Module, acc, log)
     key = fingerprint(
         ident,
         [it.example for it in setup.train + setup.eval],
-        extra=f"{cfg.method}|{type(setup.method).__name__}",
+        # The layout too: KTO's packed and padded layouts cut long mismatched rows differently.
+        extra=f"{cfg.method}|{type(setup.method).__name__}|{setup.info.get('layout')}",
     )
     path = cache_dir() / "reference" / f"{key}.safetensors"
     resuming = cfg.train.resume == "auto" and checkpoint_dirs(Path(cfg.output_dir))

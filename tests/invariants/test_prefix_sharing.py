@@ -152,9 +152,20 @@ def test_shared_targets_and_positions():
         collate_pairs_shared([PairExample([], [1], [2])], pad_id=0)
 
 
-def test_kto_batch_mismatched_kl_rows():
+def _rows_of(view: dict) -> list[list[int]]:
+    """The real tokens of each example in a collated view, packed (spans) or padded."""
+    ids = view["input_ids"]
+    if "spans" in view:
+        return [ids[0, s:e].tolist() for s, e, _ in view["spans"].tolist()]
+    return [r[m.bool()].tolist() for r, m in zip(ids, view["attention_mask"], strict=True)]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_kto_batch_mismatched_kl_rows(packed):
     """Each example's KL row is its prompt with its fixed partner's completion, in its own
-    `kl_` tensors, cut from the prompt's left when the pair exceeds max_length."""
+    `kl_` tensors; padded, it is cut from the prompt's left when the pair exceeds max_length;
+    packed, it keeps its prompt, and the reference's `ref_` blocks hold prompt, completion and
+    KL completion."""
     from alignkit.train.kto import KTOItem, KTOMethod, rows_view
     from alignkit.train.preference import Indexed
 
@@ -163,15 +174,25 @@ def test_kto_batch_mismatched_kl_rows():
         KTOItem(KTOExample([3], [20], False), [30, 31, 32]),
         KTOItem(KTOExample([4, 5, 6], [30, 31, 32], True), [10, 11]),
     ]
-    method = KTOMethod({}, pad_id=0, max_length=4)
+    method = KTOMethod({}, pad_id=0, max_length=4, packed=packed)
     batch = method.collate([Indexed("train", i, it) for i, it in enumerate(items)])
     assert batch["desirable"].tolist() == [True, False, True]
-    assert batch["input_ids"].shape == (3, 6)  # the matched rows' own width
-    assert batch["input_ids"][1].tolist()[:2] == [3, 20]
+    # packed: the three rows back to back, no padding; padded: the matched rows' own width
+    assert batch["input_ids"].shape == ((1, 12) if packed else (3, 6))
+    assert _rows_of(rows_view(batch)) == [[1, 2, 10, 11], [3, 20], [4, 5, 6, 30, 31, 32]]
     kl = rows_view(batch, "kl_")
-    ids, mask = kl["input_ids"], kl["attention_mask"]
-    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
-    assert rows == [[1, 2, 20], [3, 30, 31, 32], [5, 6, 10, 11]]  # 3 + 2 > 4: prompt cut left
-    assert kl["labels"][2][kl["labels"][2] != -100].tolist() == [10, 11]
+    third = [4, 5, 6, 10, 11] if packed else [5, 6, 10, 11]  # 3 + 2 > 4: cut left when padded
+    assert _rows_of(kl) == [[1, 2, 20], [3, 30, 31, 32], third]
+    if packed:
+        ref = rows_view(batch, "ref_")
+        assert _rows_of(ref) == [
+            [1, 2, 10, 11, 20],
+            [3, 20, 30, 31, 32],
+            [4, 5, 6, 30, 31, 32, 10, 11],
+        ]
+        assert ref["target_ids"][ref["segment"] == 5].tolist() == [10, 11]  # KL of example 2
+    else:
+        assert "ref_input_ids" not in batch
+    assert kl["target_ids"][kl["segment"] == 2].tolist() == [10, 11]
     assert kl["segment"].max().item() == 2
     assert set(rows_view(batch)) == set(kl)  # the same row keys for both kinds

@@ -112,12 +112,13 @@ def test_cache_is_reused_and_keyed_by_data(tmp_path, monkeypatch, tiny_model_dir
     )
     policy = lora_policy()
     logs = []
-    for examples in (pairs(), pairs(), pairs(seed=1)):
-        attach_reference(
-            cfg, setup_for(examples), policy, LogpsModel(policy), Accelerator(cpu=True), logs.append
-        )
+    plain = setup_for(pairs(), shared=False)
+    plain.info["layout"] = "plain"
+    for setup in (setup_for(pairs()), setup_for(pairs()), setup_for(pairs(seed=1)), plain):
+        attach_reference(cfg, setup, policy, LogpsModel(policy), Accelerator(cpu=True), logs.append)
     files = list((tmp_path / "cache" / "reference").glob("*.safetensors"))
-    assert len(files) == 2  # the same data twice hits the cache; other data makes a new entry
+    # The same data twice hits the cache; other data, or another layout, makes a new entry.
+    assert len(files) == 3
     assert sum("read from" in m for m in logs) == 1
 
 
@@ -129,10 +130,10 @@ def plain_logps(model, prompt: list[int], response: list[int]) -> float:
     return logp[start:].gather(1, ids[0, 1:][start:, None]).sum().item()
 
 
-def kto_setup(items):
+def kto_setup(items, packed: bool = True):
     from alignkit.train.kto import KTOMethod, kto_ref_logps
 
-    method = KTOMethod({"beta": 0.1}, pad_id=2, max_length=64)
+    method = KTOMethod({"beta": 0.1}, pad_id=2, max_length=64, packed=packed)
     indexed = [Indexed("train", i, it) for i, it in enumerate(items)]
     lengths = [len(it.example.prompt_ids) + len(it.example.completion_ids) for it in items]
     return MethodSetup(
@@ -141,10 +142,14 @@ def kto_setup(items):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("mode", ["cache", "adapter"])
-def test_kto_reference_and_loss_match_plain_rows(mode, tmp_path, monkeypatch, tiny_model_dir):
-    """KTO's matched and mismatched (KL) rows, batched separately: the reference gives the base
-    model's log-probs of both kinds, and the step's loss is KTO of plain unpadded forwards."""
+def test_kto_reference_and_loss_match_plain_rows(
+    mode, packed, tmp_path, monkeypatch, tiny_model_dir
+):
+    """KTO's matched and mismatched (KL) rows, packed (the reference's prefix-shared blocks too)
+    or padded: the reference gives the base model's log-probs of both kinds, and the step's loss
+    is KTO of plain unpadded forwards."""
     from accelerate import Accelerator
 
     from alignkit.data.preference import KTOExample
@@ -163,7 +168,8 @@ def test_kto_reference_and_loss_match_plain_rows(mode, tmp_path, monkeypatch, ti
     expected_ref = torch.tensor([plain_logps(base, p, r) for p, r in rows])  # (2B,)
 
     policy = lora_policy()
-    setup = kto_setup(items)
+    setup = kto_setup(items, packed)
+    assert ("ref_input_ids" in setup.method.collate(setup.train)) == packed
     cfg = load_config(
         None,
         [

@@ -12,7 +12,7 @@ from alignkit.ops.logps import (
 from alignkit.train.forward import LogpsModel
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 1024])
+@pytest.mark.parametrize("chunk", [1, 3, 10, 1024])  # 10, 1024: one chunk, kept
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_matches_plain_values_and_grads(chunk, temperature):
     torch.manual_seed(0)
