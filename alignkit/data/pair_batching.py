@@ -246,8 +246,8 @@ def collate_packed_pairs(examples: list[PairExample], pad_id: int) -> dict[str, 
 
 def token_count(batch: dict[str, Any]) -> int:
     """Real (non-padding) tokens of a collated batch, packed or padded."""
-    if "spans" in batch:
-        return int(batch["spans"][:, 1].max()) if len(batch["spans"]) else 0
+    if "spans" in batch:  # packed: no padding
+        return batch["input_ids"].numel()
     return int(batch["attention_mask"].sum())
 
 

@@ -67,9 +67,8 @@ def packed_attention(
             **kwargs,
         )
         outs.append(out)  # (1, end - start, H, D)
-    width, covered = query.shape[2], spans[-1][1]
-    if covered < width:  # trailing padding: its output is never read, zeros keep the shape
-        outs.append(outs[-1].new_zeros(1, width - covered, *outs[-1].shape[2:]))
+    if spans[-1][1] != query.shape[2]:
+        raise ValueError(f"packed spans end at {spans[-1][1]}, the row at {query.shape[2]}")
     return torch.cat(outs, dim=1), None
 
 
@@ -85,7 +84,7 @@ def install() -> None:
 
 def spans_from_tensor(spans: Tensor) -> tuple[Span, ...]:
     """A batch's (K, 3) long tensor of start, end, causal -> plain Python tuples, which must
-    tile the row from column 0 without gaps (padding may follow the last one)."""
+    tile the row from column 0 without gaps."""
     out = tuple((int(s), int(e), bool(c)) for s, e, c in spans.tolist())
     starts = [0] + [e for _, e, _ in out[:-1]]
     if not out or any(s != want or e <= s for (s, e, _), want in zip(out, starts, strict=True)):

@@ -159,3 +159,6 @@ def test_bad_spans_are_refused():
     packed_attention.install()
     with pytest.raises(ValueError, match="one row"):
         packed_attention.packed_attention(None, q, q, q, None, alignkit_spans=((0, 4, True),))
+    one = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="spans end at 3, the row at 4"):
+        packed_attention.packed_attention(None, one, one, one, None, alignkit_spans=((0, 3, True),))
