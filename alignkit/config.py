@@ -90,6 +90,12 @@ class TrainConfig(Section):
         False, description="Turn the speed levers off (plain layout) to compare with TRL"
     )
     group_by_length: bool = True
+    group_by_prompt: bool = Field(
+        False,
+        description="KTO: put the examples that share a prompt in the same micro-batch, so a "
+        "packed batch runs that prompt once (they are then not drawn independently); the order "
+        "wins over group_by_length",
+    )
     logps_chunk_size: int = Field(1024, gt=0, description="Rows of the LM head per chunk")
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)
@@ -254,6 +260,11 @@ class RunConfig(Section):
         if self.method == "reward" and self.train.sample_prompts:
             raise ValueError(
                 "a reward model scores text, it does not generate: remove train.sample_prompts"
+            )
+        if self.train.group_by_prompt and self.method != "kto":
+            raise ValueError(
+                f"train.group_by_prompt is for kto (unpaired examples that may share a prompt); "
+                f"{self.method} already runs each example's prompt once: remove it"
             )
         if self.method == "ppo" and bool(self.ppo.reward_model) == bool(self.ppo.reward_fn):
             raise ValueError(

@@ -133,14 +133,19 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     ]
 
 
-def alignkit_order(n: int, batch_size: int, seed: int) -> tuple[list[int], bool]:
+def alignkit_order(
+    n: int, batch_size: int, seed: int, prompt_groups: list[int] | None = None
+) -> tuple[list[int], bool]:
     """Example indices in the order alignkit's first epoch takes them with
-    ``train.group_by_length=false`` (a seeded shuffle), micro-batch after micro-batch; and whether
-    every micro-batch is full (otherwise a sequential sampler's batches drift out of step)."""
+    ``train.group_by_length=false`` (a seeded shuffle), or with ``train.group_by_prompt=true``
+    given the examples' `prompt_groups`, micro-batch after micro-batch; and whether every
+    micro-batch is full (otherwise a sequential sampler's batches drift out of step)."""
     importable_alignkit()
     from alignkit.train.stream import MicroBatchStream
 
-    stream = MicroBatchStream([1] * n, batch_size, 1, seed, group_by_length=False)
+    stream = MicroBatchStream(
+        [1] * n, batch_size, 1, seed, group_by_length=False, prompt_groups=prompt_groups
+    )
     batches = [stream.indices(i, 0) for i in range(stream.per_epoch)]
     return [i for b in batches for i in b], all(len(b) == batch_size for b in batches)
 

@@ -3,13 +3,16 @@
     python benchmarks/kto_vs_trl.py                  # 64 HH-RLHF pairs -> 128 examples, batch 4
     python benchmarks/kto_vs_trl.py --pairs 8        # a quick check
     python benchmarks/kto_vs_trl.py --trl-inputs alignkit   # TRL gets alignkit's ids and KL rows
+    python benchmarks/kto_vs_trl.py --group-by-prompt       # a pair's two examples in one batch
 
 Child processes, one after the other (this file run with ``--child``), each reporting its own
 peak RSS (``ru_maxrss``) and timings: ``alignkit`` (``method=kto`` with its defaults: each
-micro-batch's rows, and its mismatched KL rows, packed into one row without padding; reference
-log-probs of every example and of its KL row precomputed once with the adapter disabled, in a
-fresh ``ALIGNKIT_CACHE``) and ``trl`` (``KTOTrainer`` with ``peft_config``: the reference is the
-policy with the adapter disabled, computed live at every step,
+micro-batch's rows packed into one row without padding, a prompt shared by several of them once;
+the KL rows' no-grad forward continuing those prompts from their kept keys and values; reference
+log-probs of every example and of its KL row precomputed once with the adapter disabled, each
+prompt once, in a fresh ``ALIGNKIT_CACHE``; with ``--group-by-prompt``,
+``train.group_by_prompt=true``) and ``trl`` (``KTOTrainer`` with ``peft_config``: the reference is
+the policy with the adapter disabled, computed live at every step,
 ``precompute_ref_log_probs=False``); with ``--parity``, also ``parity`` (alignkit with
 ``train.parity=true``: padded rows, as TRL lays them out). alignkit's time is its reference
 precompute plus its loop; TRL's is its loop.
@@ -21,7 +24,8 @@ the model settings are made equal as in ``dpo_vs_trl.py`` (see its docstring). K
   itself (each pair gives its chosen reply as desirable, its rejected reply as undesirable: 2N
   examples, balanced, so both weights stay 1.0); TRL gets those same examples as conversational
   ``prompt``/``completion``/``label`` rows, in alignkit's shuffled order
-  (``train.group_by_length=false``), with its sequential sampler (KTOTrainer's default).
+  (``train.group_by_length=false``, or the prompt-grouped order of ``--group-by-prompt``), with
+  its sequential sampler (KTOTrainer's default).
 - Loss: both are ``1 - sigmoid(beta (r - z0))`` for desirable and ``1 - sigmoid(beta (z0 - r))``
   for undesirable examples, averaged over the examples of the batch, with z0 the batch mean of
   policy - reference log-probs of the mismatched (KL) rows, clamped at 0, without gradient.
@@ -30,10 +34,11 @@ What stays different, and why the per-step losses differ slightly from step 2 on
 completion each example's KL row borrows. TRL rotates the completions by one *within each batch*
 (row k of a batch takes the completion of row k - 1 of the same batch). alignkit fixes each
 example's mismatched completion once at load time (``alignkit/train/kto.py``: example i takes the
-completion of the next example in a seeded shuffle of the dataset), so that the reference
-log-probs of the KL rows can be precomputed and cached; with ``group_by_length=false`` that
-shuffle is the batch order, so 3 of the 4 partners of a batch of 4 come from the batch itself (the
-next row instead of the previous) and the last comes from the next batch. Step 1 is identical
+completion of the next example in a seeded shuffle of the dataset whose prompt is another one), so
+that the reference log-probs of the KL rows can be precomputed and cached; with
+``group_by_length=false`` that shuffle is the batch order, so most partners of a batch of 4 come
+from the batch itself (the next row instead of the previous) and the last comes from the next
+batch. Step 1 is identical
 (policy = reference, so r = z0 = 0 and every loss is 0.5); after it z0 is estimated from
 different mismatched rows, a different sample of the same quantity. ``--trl-inputs alignkit``
 gives TRL alignkit's token ids and alignkit's KL completions (a ``KTOTrainer`` subclass that
@@ -89,6 +94,7 @@ def alignkit_overrides(spec: dict[str, Any], output_dir: str) -> list[str]:
         "train.mixed_precision='no'",  # quoted: bare no is YAML for false
         "train.gradient_checkpointing=false",
         "train.group_by_length=false",
+        f"train.group_by_prompt={str(spec['group_by_prompt']).lower()}",
         "train.log_every=1",
         "train.progress=false",
         "train.loggers=[jsonl]",
@@ -200,7 +206,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from alignkit.data.preference import load_kto_data
     from alignkit.models import load_tokenizer
     from alignkit.models.resolve import resolve_model
-    from alignkit.train.kto import fit_kl_row, with_mismatched
+    from alignkit.train.kto import fit_kl_row, prompt_group_ids, with_mismatched
 
     model_path = resolve_model(args.model).path
     tokenizer = load_tokenizer(ModelConfig(name=model_path))
@@ -228,7 +234,8 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     for row, ex in zip(unpaired, loaded.train, strict=True):
         if row["label"] != ex.desirable:
             raise SystemExit("alignkit's unpaired examples are not in the expected order")
-    order, aligned = common.alignkit_order(len(items), args.batch_size, args.seed)
+    groups = prompt_group_ids(loaded.train) if args.group_by_prompt else None
+    order, aligned = common.alignkit_order(len(items), args.batch_size, args.seed, groups)
     ids = []
     for i in order:
         ex, kl = items[i].example, items[i].kl_completion_ids
@@ -285,6 +292,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also run alignkit with train.parity=true (padded rows), after the alignkit child",
     )
+    p.add_argument(
+        "--group-by-prompt",
+        action="store_true",
+        help="alignkit with train.group_by_prompt=true (a pair's two examples in one batch, "
+        "their prompt run once); TRL gets that same order",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="default: a new temp directory")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
     p.add_argument("--child", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
@@ -305,13 +318,15 @@ def main(argv: list[str] | None = None) -> None:
         workdir,
         beta=args.beta,
         trl_inputs=args.trl_inputs,
+        group_by_prompt=args.group_by_prompt,
     )
     print(
         f"[bench] KTO, {args.model} ({facts['model_path']}), {args.pairs} HH-RLHF pairs -> "
         f"{facts['examples']} unpaired examples (skipped before them: {facts['skipped']}), batch "
         f"{args.batch_size}, one epoch, max_length {args.max_length}, LoRA r={args.lora_r} "
         f"alpha={args.lora_alpha:g} dropout={args.lora_dropout:g} on q,k,v,o, beta {args.beta:g}, "
-        f"lr {args.lr:g} constant, fp32 CPU, TRL inputs: {args.trl_inputs}; workdir {workdir}",
+        f"lr {args.lr:g} constant, fp32 CPU, TRL inputs: {args.trl_inputs}, order: "
+        f"{'grouped by prompt' if args.group_by_prompt else 'shuffled'}; workdir {workdir}",
         flush=True,
     )
     if not facts["aligned"]:

@@ -68,6 +68,24 @@ def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list
     return [i for group in groups for i in group]
 
 
+def prompt_grouped_order(groups: list[int], seed: int) -> list[int]:
+    """A shuffled order in which the examples of each group (those sharing a prompt: equal ids
+    in `groups`) follow each other, so a micro-batch holds whole groups where sizes allow. The
+    groups are shuffled, and the examples within each group."""
+    rng = random.Random(seed)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    keys = list(members)
+    rng.shuffle(keys)
+    order = []
+    for g in keys:
+        group = members[g]
+        rng.shuffle(group)
+        order += group
+    return order
+
+
 @dataclass
 class PackedExample:
     input_ids: list[int]

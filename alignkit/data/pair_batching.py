@@ -25,7 +25,8 @@ padding, a block mask that keeps each example to itself, positions that restart 
 and ``spans`` (K, 3) giving each example's start, end and whether its block is plain causal (a
 row; a prefix-shared pair is not), so attention can run example by example
 (:mod:`alignkit.ops.packed_attention`). Every target keeps its context and position, so the
-log-probs are those of the unpacked rows.
+log-probs are those of the unpacked rows. A packed row can also continue the prompts of another
+packed row without running them again (`collate_packed_continuations`).
 """
 
 from __future__ import annotations
@@ -223,25 +224,80 @@ def collate_packed_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) ->
     return {**batch, **_cat_targets(parts)}
 
 
+def shared_prompt_mask(prompt: int, responses: list[int]) -> torch.Tensor:
+    """(n, n) bool, True = may attend, for a block ``[prompt, r_1, ..., r_m]`` without padding:
+    the prompt is causal, each response sees the prompt and its own earlier tokens only."""
+    sizes = torch.tensor([prompt, *responses])
+    part = torch.repeat_interleave(torch.arange(len(sizes)), sizes)  # 0 = prompt, j = r_j
+    q, k = part[:, None], part[None, :]
+    causal = torch.ones(len(part), len(part), dtype=torch.bool).tril()
+    return causal & ((k == 0) | (q == k))
+
+
+# One prompt and its responses, each with the segment its log-prob sums into.
+SharedGroup = tuple[list[int], list[tuple[list[int], int]]]
+
+
+def collate_packed_shared(groups: list[SharedGroup], pad_id: int) -> dict[str, Any]:
+    """Blocks ``[prompt, r_1, ..., r_m]`` (the prompt run once for all its responses) packed into
+    one (1, N) row: every response continues the prompt at position P and sees nothing of the
+    others, so its log-prob is that of its own plain row. Targets go to each response's segment;
+    plus spans."""
+    blocks = []
+    for prompt, responses in groups:
+        _check_prompt(prompt)
+        p, sizes = len(prompt), [len(r) for r, _ in responses]
+        positions = torch.cat([torch.arange(p)] + [torch.arange(p, p + n) for n in sizes])
+        ids = prompt + [t for r, _ in responses for t in r]
+        # One response: a plain causal row, which attention runs without a mask.
+        mask = shared_prompt_mask(p, sizes) if len(sizes) > 1 else None
+        blocks.append(_Block(ids, positions, mask))
+    batch, starts = _pack(blocks, pad_id)
+    parts = []
+    for (prompt, responses), s in zip(groups, starts, strict=True):
+        col = s + len(prompt)
+        for ids, segment in responses:  # each first token predicted from the last prompt token
+            parts.append(_targets(0, col, s + len(prompt) - 1, ids, segment=segment))
+            col += len(ids)
+    return {**batch, **_cat_targets(parts)}
+
+
 def collate_packed_pairs(examples: list[PairExample], pad_id: int) -> dict[str, Any]:
     """Prefix-shared rows ``[prompt, chosen, rejected]`` packed into one (1, N) row: no padding,
     targets as in `collate_pairs_shared` (chosen segment i, rejected B + i), plus spans."""
-    blocks = []
-    for e in examples:
-        _check_prompt(e.prompt_ids)
-        p, c, r = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
-        positions = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
-        mask = prefix_shared_mask(p, c, r, p + c + r)
-        ids = e.prompt_ids + e.chosen_ids + e.rejected_ids
-        blocks.append(_Block(ids, positions, mask))
-    batch, starts = _pack(blocks, pad_id)
     b = len(examples)
-    chosen, rejected = [], []
-    for i, (e, s) in enumerate(zip(examples, starts, strict=True)):
-        p, c = len(e.prompt_ids), len(e.chosen_ids)
-        chosen.append(_targets(0, s + p, s + p - 1, e.chosen_ids, segment=i))
-        rejected.append(_targets(0, s + p + c, s + p - 1, e.rejected_ids, segment=b + i))
-    return {**batch, **_cat_targets(chosen + rejected)}
+    groups = [
+        (e.prompt_ids, [(e.chosen_ids, i), (e.rejected_ids, b + i)]) for i, e in enumerate(examples)
+    ]
+    return collate_packed_shared(groups, pad_id)
+
+
+def collate_packed_continuations(
+    rows: list[tuple[list[int], list[int]]], prompt_starts: list[int], pad_id: int
+) -> dict[str, Any]:
+    """Responses that continue prompts another packed row already holds, packed into one row.
+
+    rows: (prompt, response) pairs whose prompts start at columns `prompt_starts` of that other
+    row (e.g. `collate_packed_rows` of the same prompts). Block i is the prompt's last token and
+    then the response, at positions ``P-1..``; ``prefix`` (K, 2) names the columns of the rest of
+    the prompt, ``[start, start + P - 1)``, whose kept keys and values attention puts in front of
+    the block (:mod:`alignkit.ops.packed_attention`). The last prompt token is run again because
+    it predicts the response's first token. Targets as in `collate_packed_rows`: the log-probs
+    equal those of the full rows.
+    """
+    blocks, prefix = [], []
+    for (prompt, response), start in zip(rows, prompt_starts, strict=True):
+        _check_prompt(prompt)
+        p = len(prompt)
+        blocks.append(_Block(prompt[-1:] + response, torch.arange(p - 1, p + len(response)), None))
+        prefix.append((start, start + p - 1))
+    batch, starts = _pack(blocks, pad_id)
+    parts = [
+        _targets(0, s + 1, s, r, segment=i)
+        for i, ((_, r), s) in enumerate(zip(rows, starts, strict=True))
+    ]
+    batch["prefix"] = torch.tensor(prefix, dtype=torch.long).view(-1, 2)
+    return {**batch, **_cat_targets(parts)}
 
 
 def token_count(batch: dict[str, Any]) -> int:

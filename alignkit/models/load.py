@@ -27,6 +27,7 @@ from alignkit.config import LoraConfig, ModelConfig
 from alignkit.errors import ConfigError, ModelError
 from alignkit.models.lora import apply_lora, merge_lora
 from alignkit.models.resolve import ALIASES, ResolvedModel, resolve_model
+from alignkit.ops.swiglu import use_lean_swiglu
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -358,6 +359,9 @@ def load_model(
       ``prepare_model_for_kbit_training`` (norms and embeddings upcast to fp32), then LoRA.
     - ``for_training=False``: an eval-mode, frozen model without LoRA (reference, inference);
       with ``lora.qlora`` the base is still loaded in 4-bit.
+
+    For training, gated SiLU MLPs keep two activations instead of three for the backward
+    (:mod:`alignkit.ops.swiglu`).
     """
     device = torch.device(device)
     if lora.qlora and not lora.enabled:
@@ -377,6 +381,7 @@ def load_model(
     if not for_training:
         model.requires_grad_(False)
         return model.eval()
+    use_lean_swiglu(model)  # a third less MLP activation memory, the same values
     if lora.qlora:
         from peft import prepare_model_for_kbit_training
 

@@ -41,25 +41,29 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[s : s + chunk, None]).squeeze(1)  # (c,)
             out[s : s + chunk] = picked - lse[s : s + chunk]
-        kept = (logits,) if n <= chunk else ()  # one chunk: keep it rather than recompute it
-        ctx.save_for_backward(hidden, weight, targets, lse, *kept)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        # One chunk: keep it rather than recompute it. Held outside save_for_backward because
+        # the backward overwrites it in place and lets it go (a second backward recomputes it).
+        ctx.kept = logits if n <= chunk else None
         ctx.chunk, ctx.temp = chunk, temp
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        hidden, weight, targets, lse, *kept = ctx.saved_tensors
-        chunk, temp = ctx.chunk, ctx.temp
+        hidden, weight, targets, lse = ctx.saved_tensors
+        chunk, temp, kept = ctx.chunk, ctx.temp, ctx.kept
+        ctx.kept = None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]  # (c, H)
             g = grad_out[s : s + chunk].float()  # (c,)
-            # (c, V): the forward's block when it was kept, else recomputed instead of stored
-            logits = kept[0] if kept else _logits(h, weight, temp)
+            # (c, V): the forward's block when it was kept (overwritten in place), else
+            # recomputed instead of stored
+            logits = kept if kept is not None else _logits(h, weight, temp)
             # d logp_t / d logits = onehot(t) - softmax(logits), then the 1/T of the scaling
-            grad_logits = torch.exp(logits - lse[s : s + chunk, None]).mul_(-g[:, None])
+            grad_logits = logits.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[s : s + chunk, None], g[:, None])
             if temp != 1.0:
                 grad_logits = grad_logits.div_(temp)

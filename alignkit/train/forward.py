@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from alignkit.data.batching import additive_mask
 from alignkit.ops.logps import label_positions, per_sequence_sum, target_logps
-from alignkit.ops.packed_attention import span_kwargs
+from alignkit.ops.packed_attention import KVStore, span_kwargs
 
 
 class SequenceLogps(NamedTuple):
@@ -54,11 +54,15 @@ class LogpsModel(nn.Module):
         attention_mask: Tensor,
         position_ids: Tensor,
         spans: Tensor | None = None,
+        kv_out: KVStore | None = None,
+        kv_in: KVStore | None = None,
+        prefix: Tensor | None = None,
     ):
         """(B, T) inputs -> (B, T, H) last hidden states, adapters active. A packed row (B=1)
         may name its examples' `spans` (K, 3): start, end, causal; attention then runs
         per example (:mod:`alignkit.ops.packed_attention`), with the same result as
-        the block mask."""
+        the block mask. `kv_out` keeps the row's keys and values; `kv_in` and `prefix` (K, 2)
+        continue a kept row, span k after its columns ``prefix[k]``."""
         hf = self._hf()
         backbone = hf.base_model  # e.g. LlamaModel: the decoder without its LM head
         if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
@@ -71,7 +75,7 @@ class LogpsModel(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
-            **span_kwargs(backbone, spans),
+            **span_kwargs(backbone, spans, kv_out=kv_out, kv_in=kv_in, prefix=prefix),
         )
         return out.last_hidden_state
 
@@ -88,6 +92,9 @@ class LogpsModel(nn.Module):
         segment: Tensor | None = None,
         num_segments: int | None = None,
         spans: Tensor | None = None,
+        kv_out: KVStore | None = None,
+        kv_in: KVStore | None = None,
+        prefix: Tensor | None = None,
     ) -> SequenceLogps:
         """Log-probs of the labelled tokens, summed per sequence (or per segment).
 
@@ -97,13 +104,15 @@ class LogpsModel(nn.Module):
         (N,), and `segment` (N,) in [0, num_segments) says which sum each one joins; prefix-shared
         preference rows need this, since a rejected response's first token is predicted from
         the prompt's last position, not from the token before it in the row. `spans` (K, 3)
-        marks the examples of a packed row (see :meth:`hidden_states`).
+        marks the examples of a packed row, and `kv_out`, `kv_in`, `prefix` keep or continue
+        one (see :meth:`hidden_states`).
         """
         if position_ids is None:
             if attention_mask.dim() == 4:
                 raise ValueError("a packed (4D-mask) batch must come with its position_ids")
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, spans)
+        kept = {"kv_out": kv_out, "kv_in": kv_in, "prefix": prefix}
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, spans, **kept)
         if labels is not None:
             pos = label_positions(labels)
             rows, cols, targets = pos.rows, pos.cols, pos.targets

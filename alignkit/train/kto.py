@@ -9,10 +9,19 @@ the mismatched rows can then be precomputed and cached like every other referenc
 The mismatched rows only feed z0, which carries no gradient, so the policy sees them in a
 separate forward under `torch.no_grad`: the backward pass covers the matched rows alone. Each
 kind of row is packed into one row without padding, unless `train.parity` asks for padded rows.
-Packed, the reference sees each prompt once, with its own completion and its mismatched one after
-it (the prefix-shared block of the pair methods), so its pass over both kinds of row costs one
-prompt per example instead of two. A mismatched row then keeps its whole prompt; padded, it is cut
-from the left to fit `data.max_length` (as TRL does).
+Packed, no prompt is run twice:
+
+- the policy's mismatched rows continue the matched rows' prompts: the training forward keeps
+  every layer's keys and values, and the no-grad forward runs only each prompt's last token and
+  the mismatched completion after them (`collate_packed_continuations`; a model whose attention
+  is not SDPA runs the whole mismatched rows instead, with the same result);
+- the reference sees each prompt once, with the completions and mismatched completions of all
+  the examples that share it after it (the prefix-shared block of the pair methods, with more
+  responses), and its precomputing pass batches the examples sharing a prompt together
+  (`by_prompt`): unpaired data made from pairs has two examples per prompt.
+
+A mismatched row then keeps its whole prompt; padded, it is cut from the left to fit
+`data.max_length` (as TRL does).
 """
 
 from __future__ import annotations
@@ -25,13 +34,16 @@ from torch import nn
 
 from alignkit.config import RunConfig
 from alignkit.data.pair_batching import (
-    collate_packed_pairs,
+    SharedGroup,
+    collate_packed_continuations,
     collate_packed_rows,
+    collate_packed_shared,
     collate_rows,
     token_count,
 )
-from alignkit.data.preference import KTOExample, PairExample
+from alignkit.data.preference import KTOExample
 from alignkit.losses import KTOLogps, kto, kto_kl_estimate
+from alignkit.ops.packed_attention import KVStore
 from alignkit.train.forward import LogpsModel
 from alignkit.train.loop import StepOutput
 from alignkit.train.preference import (
@@ -57,10 +69,25 @@ def fit_kl_row(prompt: list[int], completion: list[int], max_length: int):
 
 
 def with_mismatched(examples: list[KTOExample], seed: int) -> list[KTOItem]:
-    order = list(range(len(examples)))
+    """Each example with its mismatched completion: that of the next example, in a seeded
+    shuffle, whose prompt is not its own (examples made from one pair share a prompt, and a
+    completion of the same prompt would not be mismatched); the very next one if all share it."""
+    n = len(examples)
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    group = prompt_group_ids(examples)
+    ring = [group[i] for i in order] * 2  # the shuffle twice round, so k + s never wraps
+    other = [2 * n] * (2 * n)  # other[p]: the first position after p with another prompt
+    for p in range(2 * n - 2, -1, -1):
+        other[p] = p + 1 if ring[p + 1] != ring[p] else other[p + 1]
+    partner = {i: order[(other[k] if other[k] - k < n else k + 1) % n] for k, i in enumerate(order)}
     return [KTOItem(ex, examples[partner[i]].completion_ids) for i, ex in enumerate(examples)]
+
+
+def prompt_group_ids(examples: list[KTOExample]) -> list[int]:
+    """Per example, an id shared by exactly the examples with the same prompt."""
+    ids: dict[tuple[int, ...], int] = {}
+    return [ids.setdefault(tuple(ex.prompt_ids), len(ids)) for ex in examples]
 
 
 def _world_size() -> int:
@@ -85,9 +112,48 @@ def global_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor
     return (total[0] / total[1]).clamp(min=0)
 
 
-ROW_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "spans", *TARGET_KEYS)
+ROW_KEYS = (
+    "input_ids", "attention_mask", "labels", "position_ids", "spans", "prefix", *TARGET_KEYS
+)  # fmt: skip
 KL_PREFIX = "kl_"  # batch keys of the mismatched rows: kl_input_ids, kl_attention_mask, ...
+CONT_PREFIX = "klc_"  # packed only: the mismatched completions, continuing the matched prompts
 REF_PREFIX = "ref_"  # packed only: [prompt, completion, mismatched completion] blocks
+
+
+def prompt_groups(items: list[KTOItem], mismatched: bool) -> tuple[list[SharedGroup], list[int]]:
+    """Each distinct prompt of a batch once, followed by the completion (segment t) of every
+    example t with that prompt, and with `mismatched` its mismatched completion (segment B + t);
+    and the group of each example."""
+    b = len(items)
+    index: dict[tuple[int, ...], int] = {}
+    groups: list[SharedGroup] = []
+    group_of = []
+    for t, k in enumerate(items):
+        g = index.setdefault(tuple(k.example.prompt_ids), len(groups))
+        if g == len(groups):
+            groups.append((k.example.prompt_ids, []))
+        groups[g][1].append((k.example.completion_ids, t))
+        if mismatched:
+            groups[g][1].append((k.kl_completion_ids, b + t))
+        group_of.append(g)
+    return groups, group_of
+
+
+def by_prompt(items: list[Indexed], batch_size: int) -> list[list[int]]:
+    """Batches of about `batch_size` examples in which examples sharing a prompt sit together
+    (at most `batch_size` of them in one block), so the reference pass runs each prompt once
+    for all of them: unpaired data made from pairs has two examples per prompt."""
+    same: dict[tuple[int, ...], list[int]] = {}
+    for i, it in enumerate(items):
+        same.setdefault(tuple(it.example.example.prompt_ids), []).append(i)
+    batches, current = [], []
+    for idx in same.values():
+        for s in range(0, len(idx), batch_size):
+            current += idx[s : s + batch_size]
+            if len(current) >= batch_size:
+                batches.append(current)
+                current = []
+    return batches + ([current] if current else [])
 
 
 def rows_view(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -116,20 +182,19 @@ class KTOMethod:
 
     def collate(self, items: list[Indexed]) -> dict[str, Any]:
         """Rows of prompt + completion, and under `kl_` keys the rows of prompt + mismatched
-        completion: each kind packed into one row (plus the reference's `ref_` blocks), or
-        (B, T) padded rows in parity mode."""
+        completion: each kind packed into one row (plus the continuation of the matched prompts,
+        `klc_`, and the reference's `ref_` blocks), or (B, T) padded rows in parity mode."""
         kto_items: list[KTOItem] = [it.example for it in items]
         matched = [(k.example.prompt_ids, k.example.completion_ids) for k in kto_items]
-        if self.packed:
-            batch = collate_packed_rows(matched, self.pad_id)
-            kl = collate_packed_rows(
-                [(k.example.prompt_ids, k.kl_completion_ids) for k in kto_items], self.pad_id
-            )
-            blocks = [
-                PairExample(p, c, k.kl_completion_ids)
-                for k, (p, c) in zip(kto_items, matched, strict=True)
-            ]
-            ref = collate_packed_pairs(blocks, self.pad_id)
+        if self.packed:  # a prompt shared by several examples of the batch is run once
+            groups, group_of = prompt_groups(kto_items, mismatched=False)
+            batch = collate_packed_shared(groups, self.pad_id)
+            kl_rows = [(k.example.prompt_ids, k.kl_completion_ids) for k in kto_items]
+            kl = collate_packed_rows(kl_rows, self.pad_id)
+            starts = batch["spans"][:, 0].tolist()  # where each group's prompt begins
+            cont = collate_packed_continuations(kl_rows, [starts[g] for g in group_of], self.pad_id)
+            ref = collate_packed_shared(prompt_groups(kto_items, mismatched=True)[0], self.pad_id)
+            batch.update({CONT_PREFIX + k: v for k, v in cont.items()})
             batch.update({REF_PREFIX + k: v for k, v in ref.items()})
         else:
             batch = collate_rows(matched, self.pad_id)
@@ -146,10 +211,15 @@ class KTOMethod:
 
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         b = len(batch["index"])
-        logps, _ = segment_logps(model, rows_view(batch), b)  # (B,)
+        kept = KVStore()  # the matched row's keys and values, when its attention is per span
+        logps, _ = segment_logps(model, rows_view(batch), b, kv_out=kept)  # (B,)
         # z0 is a constant of the loss (no gradient through it), as in the paper.
         with torch.no_grad():
-            kl_logps, _ = segment_logps(model, rows_view(batch, KL_PREFIX), b)  # (B,)
+            if kept and CONT_PREFIX + "input_ids" in batch:  # each prompt is not run again
+                kl_logps, _ = segment_logps(model, rows_view(batch, CONT_PREFIX), b, kv_in=kept)
+            else:
+                kl_logps, _ = segment_logps(model, rows_view(batch, KL_PREFIX), b)  # (B,)
+        kept.clear()
         ref = self.reference(batch)  # (2B,) matched rows, then mismatched
         if model.training and _world_size() > 1:
             kl = global_kl_estimate(kl_logps, ref[b:])
@@ -209,4 +279,6 @@ def build_kto_method(cfg: RunConfig, tokenizer) -> Any:
         },
         needs_reference=True,
         ref_logps=kto_ref_logps,
+        ref_order=None if cfg.train.parity else by_prompt,
+        prompt_groups=prompt_group_ids(data.train),
     )

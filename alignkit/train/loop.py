@@ -164,6 +164,7 @@ class Trainer:
         run_dir: Path,
         logger=None,
         on_eval: Callable[[str, dict[str, float]], None] | None = None,
+        prompt_groups: list[int] | None = None,
     ):
         self.cfg, self.tcfg = cfg, cfg.train
         self.model, self.method, self.acc = model, method, accelerator
@@ -175,6 +176,7 @@ class Trainer:
             accelerator.num_processes,
             self.tcfg.seed,
             self.tcfg.group_by_length,
+            prompt_groups if self.tcfg.group_by_prompt else None,
         )
         if self.stream.per_epoch == 0:
             raise AlignkitError(

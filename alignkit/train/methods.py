@@ -26,6 +26,13 @@ class MethodSetup:
     needs_reference: bool = False
     # (module, batch) -> (S,) reference log-probs of the batch's responses, segment order
     ref_logps: Callable[[nn.Module, dict], Any] | None = None
+    # (examples, batch size) -> the batches (example positions) in which to precompute reference
+    # log-probs, when some order makes that pass cheaper (KTO: examples sharing a prompt
+    # together); None: in order, batch_size at a time
+    ref_order: Callable[[list[Any], int], list[list[int]]] | None = None
+    # per training example, an id shared by the examples with the same prompt (KTO), for
+    # train.group_by_prompt
+    prompt_groups: list[int] | None = None
     head: str = "lm"  # "lm" (causal LM) or "reward" (scalar score head), for load_model
     # (trained model, final/ dir) -> extra summary.json entries, run on the main process after
     # final/ is saved (e.g. a reward model's reward mean/std on the eval split)

@@ -45,9 +45,12 @@ def count_examples(batch: dict[str, Any]) -> float:
     return float(len(batch["index"]))
 
 
-def segment_logps(model: nn.Module, batch: dict[str, Tensor], num_segments: int):
+def segment_logps(model: nn.Module, batch: dict[str, Tensor], num_segments: int, **kv):
     """(S,) per-response summed log-probs and token counts from explicit targets; a packed
-    batch's spans go along."""
+    batch's spans (and a continuation's prefix columns) go along, with `kv` (`kv_out`,
+    `kv_in`: see `LogpsModel.forward`)."""
+    if "prefix" in batch:
+        kv["prefix"] = batch["prefix"]
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -55,6 +58,7 @@ def segment_logps(model: nn.Module, batch: dict[str, Tensor], num_segments: int)
         num_segments=num_segments,
         spans=batch.get("spans"),
         **{k: batch[k] for k in TARGET_KEYS},
+        **kv,
     )
     return out.seq_logps, out.seq_tokens
 

@@ -97,21 +97,33 @@ def compute_logps(
     *,
     batch_size: int,
     device: torch.device,
+    order: Callable[[list[Any], int], list[list[int]]] | None = None,
 ) -> Tensor:
-    """(n, k) log-probs of every item (k responses each), in item order, in eval mode."""
+    """(n, k) log-probs of every item (k responses each), in item order, in eval mode. The
+    items are batched `batch_size` at a time in order, or as `order` groups them."""
+    n = len(items)
+    batches = (
+        order(items, batch_size)
+        if order is not None
+        else [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    )
+    if sorted(i for idx in batches for i in idx) != list(range(n)):
+        raise ValueError("the reference batches must hold every item exactly once")
     was_training = module.training
     module.eval()
-    rows = []
+    table = None
     try:
-        for s in range(0, len(items), batch_size):
-            batch = collate(items[s : s + batch_size])
+        for idx in batches:
+            batch = collate([items[i] for i in idx])
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             logps = batch_logps(module, batch)  # (k * b,) segments: response j of item i at j*b+i
-            b = len(items[s : s + batch_size])
-            rows.append(logps.float().view(-1, b).T.cpu())  # (b, k)
+            rows = logps.float().view(-1, len(idx)).T.cpu()  # (b, k)
+            if table is None:
+                table = rows.new_zeros(n, rows.shape[1])
+            table[idx] = rows
     finally:
         module.train(was_training)
-    return torch.cat(rows) if rows else torch.zeros(0, 1)
+    return table if table is not None else torch.zeros(0, 1)
 
 
 class CachedReference:
@@ -199,7 +211,7 @@ def attach_reference(cfg, setup, model: nn.Module, wrapped: nn.Module, acc, log)
     def build() -> dict[str, Tensor]:
         module = load_reference() if explicit else wrapped
         ctx = adapter_disabled(model) if (lora and not explicit) else contextlib.nullcontext()
-        kw = {"batch_size": cfg.train.batch_size, "device": acc.device}
+        kw = {"batch_size": cfg.train.batch_size, "device": acc.device, "order": setup.ref_order}
         with ctx:
             tables = {"train": compute_logps(module, setup.train, setup.method.collate, fn, **kw)}
             if setup.eval:

@@ -177,6 +177,7 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
         acc,
         run_dir,
         logger=logger,
+        prompt_groups=setup.prompt_groups,
     )
     try:
         fit = trainer.fit()

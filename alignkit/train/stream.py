@@ -12,7 +12,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from alignkit.data.batching import length_grouped_order
+from alignkit.data.batching import length_grouped_order, prompt_grouped_order
 
 
 @dataclass
@@ -22,6 +22,7 @@ class MicroBatchStream:
     world_size: int
     seed: int
     group_by_length: bool = True
+    prompt_groups: list[int] | None = None  # per example; given: the prompt-grouped order
     _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -38,7 +39,9 @@ class MicroBatchStream:
     def order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             seed = self.seed + epoch
-            if self.group_by_length:
+            if self.prompt_groups is not None:
+                self._orders[epoch] = prompt_grouped_order(self.prompt_groups, seed)
+            elif self.group_by_length:
                 self._orders[epoch] = length_grouped_order(self.lengths, self.global_batch, seed)
             else:
                 order = list(range(len(self.lengths)))

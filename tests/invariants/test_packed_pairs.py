@@ -1,10 +1,12 @@
 """Packing invariant: a micro-batch's preference pairs (prefix-shared) or rows laid back to back
 in one unpadded row give every response the log-prob, and the model the gradient, of the plain
 padded rows; and attention run span by span equals attention over the whole row under the block
-mask.
+mask. A prompt may be shared by any number of responses, and responses may continue the prompts
+of an earlier packed row from its kept keys and values: the same log-probs again.
 
 The tests can fail: spans that cut an example in two change its log-probs (so the spans do reach
-attention), and a spy shows each attention call covers one example, not the whole row.
+attention), a spy shows each attention call covers one example, not the whole row, and kept keys
+and values that are not the prompt's change a continuation's log-probs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from conftest import make_tiny_model
 
 from alignkit.config import DataConfig
 from alignkit.data.pair_batching import (
+    collate_packed_continuations,
     collate_packed_pairs,
     collate_packed_rows,
+    collate_packed_shared,
     collate_pairs,
     collate_rows,
     token_count,
@@ -162,3 +166,88 @@ def test_bad_spans_are_refused():
     one = torch.zeros(1, 1, 4, 8)
     with pytest.raises(ValueError, match="spans end at 3, the row at 4"):
         packed_attention.packed_attention(None, one, one, one, None, alignkit_spans=((0, 3, True),))
+
+
+def test_shared_prompt_groups_equal_plain_rows(pairs, wrapped):
+    """One prompt with three responses, one with a single response (a causal block), one with
+    two: each response gets its plain row's log-prob and gradient."""
+    a, b, c = pairs[:3]
+    groups = [
+        (a.prompt_ids, [(a.chosen_ids, 0), (a.rejected_ids, 1), (b.chosen_ids, 2)]),
+        (b.prompt_ids, [(b.rejected_ids, 3)]),
+        (c.prompt_ids, [(c.chosen_ids, 4), (c.rejected_ids, 5)]),
+    ]
+    rows = [(prompt, r) for prompt, responses in groups for r, _ in responses]
+    packed = collate_packed_shared(groups, pad_id=2)
+    assert packed["input_ids"].shape[1] == sum(
+        len(prompt) + sum(len(r) for r, _ in responses) for prompt, responses in groups
+    )
+    assert packed["spans"][:, 2].tolist() == [0, 1, 0]  # the single response is a causal row
+    assert_same(
+        logps_and_grads(wrapped, packed, 6), logps_and_grads(wrapped, collate_rows(rows, 2), 6)
+    )
+
+
+def continuation_setup(pairs):
+    """The chosen rows packed, and the rejected replies continuing their prompts (the first
+    prompt cut to one token, so its kept prefix is empty)."""
+    rows = [(e.prompt_ids, e.chosen_ids) for e in pairs]
+    rows[0] = (rows[0][0][-1:], rows[0][1])
+    later = [(p, e.rejected_ids) for (p, _), e in zip(rows, pairs, strict=True)]
+    first = collate_packed_rows(rows, pad_id=2)
+    cont = collate_packed_continuations(later, first["spans"][:, 0].tolist(), pad_id=2)
+    return first, cont, later
+
+
+def test_continuation_equals_the_full_rows(pairs, attention_calls):
+    """Responses continuing the prompts kept from a training forward get the log-probs of their
+    full rows, while attention runs only their own tokens as queries (the last prompt token and
+    the response) against the kept prompt keys and their own."""
+    wrapped = LogpsModel(make_tiny_model(seed=5))
+    first, cont, later = continuation_setup(pairs)
+    assert cont["input_ids"].shape[1] == sum(1 + len(r) for _, r in later)
+    assert cont["prefix"].tolist() == [
+        [s, s + len(p) - 1] for s, (p, _) in zip(first["spans"][:, 0].tolist(), later, strict=True)
+    ]
+    kept = packed_attention.KVStore()
+    n = len(pairs)
+    segment_logps(wrapped, first, n, kv_out=kept)
+    assert len(kept.kv) == wrapped.model.config.num_hidden_layers
+    attention_calls.clear()
+    with torch.no_grad():
+        got, _ = segment_logps(wrapped, cont, n, kv_in=kept)
+        layers = wrapped.model.config.num_hidden_layers
+        assert attention_calls == [1 + len(r) for _, r in later] * layers
+        want, _ = segment_logps(wrapped, collate_rows(later, pad_id=2), n)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_continuation_reads_the_kept_prompts(pairs):
+    """Kept keys and values of other prompts (the same rows with each prompt reversed) change
+    every continuation whose prompt has more than one token, and only those."""
+    wrapped = LogpsModel(make_tiny_model(seed=5))
+    first, cont, later = continuation_setup(pairs)
+    n = len(pairs)
+    other = collate_packed_rows([(p[::-1], r) for p, r in later], pad_id=2)
+    right, wrong = packed_attention.KVStore(), packed_attention.KVStore()
+    with torch.no_grad():
+        segment_logps(wrapped, first, n, kv_out=right)
+        segment_logps(wrapped, other, n, kv_out=wrong)
+        good, _ = segment_logps(wrapped, cont, n, kv_in=right)
+        bad, _ = segment_logps(wrapped, cont, n, kv_in=wrong)
+    torch.testing.assert_close(bad[0], good[0], atol=ATOL, rtol=0)  # empty prefix: nothing read
+    assert (bad[1:] - good[1:]).abs().min() > 1e-3
+
+
+def test_continuation_needs_span_attention(pairs):
+    eager = LogpsModel(make_tiny_model(seed=5, attn_implementation="eager"))
+    first, cont, _ = continuation_setup(pairs)
+    kept = packed_attention.KVStore()
+    with torch.no_grad():
+        segment_logps(eager, first, len(pairs), kv_out=kept)
+        assert not kept  # eager attention keeps nothing: callers fall back to the full rows
+        with pytest.raises(ValueError, match="needs a packed batch and SDPA"):
+            segment_logps(eager, cont, len(pairs), kv_in=kept)
+    sdpa = LogpsModel(make_tiny_model(seed=5))
+    with pytest.raises(ValueError, match="a filled store"), torch.no_grad():
+        segment_logps(sdpa, cont, len(pairs), kv_in=kept)

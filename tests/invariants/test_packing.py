@@ -19,6 +19,7 @@ from alignkit.data.batching import (
     collate_packed,
     length_grouped_order,
     pack_examples,
+    prompt_grouped_order,
 )
 from alignkit.data.tokenize import IGNORE_INDEX, TokenizedExample, load_sft_data, tokenize_sft
 
@@ -247,3 +248,25 @@ def test_length_grouped_order():
     batches = [order[i : i + 4] for i in range(0, 400, 4)]
     spread = sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches)
     assert spread < 0.2 * sum(max(lengths[j] for j in b) for b in batches)
+
+
+def test_prompt_grouped_order_keeps_each_prompt_together():
+    """Every example once; the examples sharing a prompt consecutive; a seeded shuffle of the
+    groups (and, in the stream, a new one each epoch); ungrouped examples are not kept apart."""
+    from alignkit.train.stream import MicroBatchStream
+
+    groups = [i // 2 for i in range(40)] + [100 + i for i in range(5)] + [200] * 3  # pairs, ...
+    order = prompt_grouped_order(groups, seed=3)
+    assert sorted(order) == list(range(len(groups)))
+    runs = [groups[order[0]]]
+    for i in order[1:]:
+        if groups[i] != runs[-1]:
+            runs.append(groups[i])
+    assert len(runs) == len(set(groups))  # one run of consecutive examples per group
+    assert order == prompt_grouped_order(groups, seed=3)
+    assert order != prompt_grouped_order(groups, seed=4)
+    assert [groups[i] for i in order] != sorted(groups)  # the groups themselves are shuffled
+    stream = MicroBatchStream([1] * 40, 4, 1, seed=3, prompt_groups=groups[:40])
+    first = [stream.indices(i, 0) for i in range(stream.per_epoch)]
+    assert all(len({groups[i] for i in b}) == 2 for b in first)  # two whole pairs per batch
+    assert first != [stream.indices(stream.per_epoch + i, 0) for i in range(stream.per_epoch)]

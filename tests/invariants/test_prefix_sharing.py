@@ -191,8 +191,42 @@ def test_kto_batch_mismatched_kl_rows(packed):
             [4, 5, 6, 30, 31, 32, 10, 11],
         ]
         assert ref["target_ids"][ref["segment"] == 5].tolist() == [10, 11]  # KL of example 2
+        # The KL completions continue the matched row's prompts: each prompt's last token, then
+        # the completion, at the positions of the full row; `prefix` names the rest of the
+        # prompt's columns in the matched row (blocks at 0, 4 and 6).
+        cont = rows_view(batch, "klc_")
+        assert _rows_of(cont) == [[2, 20], [3, 30, 31, 32], [6, 10, 11]]
+        assert cont["position_ids"][0].tolist() == [1, 2, 0, 1, 2, 3, 2, 3, 4]
+        assert cont["prefix"].tolist() == [[0, 1], [4, 4], [6, 8]]
+        assert cont["pred_cols"].tolist() == [0, 2, 3, 4, 6, 7]  # first target from the prompt
+        assert cont["target_ids"].tolist() == [20, 30, 31, 32, 10, 11]
     else:
-        assert "ref_input_ids" not in batch
+        assert "ref_input_ids" not in batch and "klc_input_ids" not in batch
     assert kl["target_ids"][kl["segment"] == 2].tolist() == [10, 11]
     assert kl["segment"].max().item() == 2
     assert set(rows_view(batch)) == set(kl)  # the same row keys for both kinds
+
+
+def test_kto_batch_runs_a_shared_prompt_once():
+    """Packed, examples of a batch that share a prompt (unpaired data made from pairs) sit in
+    one block, prompt first; their KL completions continue that one prompt, and the reference
+    block holds every completion of the prompt after it."""
+    from alignkit.train.kto import KTOItem, KTOMethod, rows_view
+    from alignkit.train.preference import Indexed
+
+    items = [
+        KTOItem(KTOExample([1, 2], [10, 11], True), [30]),
+        KTOItem(KTOExample([3], [30], False), [10, 11]),
+        KTOItem(KTOExample([1, 2], [20], False), [30]),
+    ]
+    batch = KTOMethod({}, pad_id=0, max_length=8).collate(
+        [Indexed("train", i, it) for i, it in enumerate(items)]
+    )
+    matched = rows_view(batch)
+    assert _rows_of(matched) == [[1, 2, 10, 11, 20], [3, 30]]
+    assert matched["position_ids"][0].tolist() == [0, 1, 2, 3, 2, 0, 1]
+    assert matched["spans"][:, 2].tolist() == [0, 1]  # a shared block is not plain causal
+    assert matched["target_ids"][matched["segment"] == 2].tolist() == [20]
+    assert matched["pred_cols"][matched["segment"] == 2].tolist() == [1]  # the prompt's end
+    assert rows_view(batch, "klc_")["prefix"].tolist() == [[0, 1], [5, 5], [0, 1]]
+    assert _rows_of(rows_view(batch, "ref_")) == [[1, 2, 10, 11, 30, 20, 30], [3, 30, 10, 11]]

@@ -147,8 +147,9 @@ def kto_setup(items, packed: bool = True):
 def test_kto_reference_and_loss_match_plain_rows(
     mode, packed, tmp_path, monkeypatch, tiny_model_dir
 ):
-    """KTO's matched and mismatched (KL) rows, packed (the reference's prefix-shared blocks too)
-    or padded: the reference gives the base model's log-probs of both kinds, and the step's loss
+    """KTO's matched and mismatched (KL) rows, packed (prompts shared by two examples run once;
+    the mismatched rows continue the matched prompts; the reference's prefix-shared blocks) or
+    padded: the reference gives the base model's log-probs of both kinds, and the step's loss
     is KTO of plain unpadded forwards."""
     from accelerate import Accelerator
 
@@ -161,6 +162,8 @@ def test_kto_reference_and_loss_match_plain_rows(
         KTOExample(p.prompt_ids, p.chosen_ids if i % 2 else p.rejected_ids, bool(i % 2))
         for i, p in enumerate(pairs())
     ]
+    # Two prompts with both replies: packed, each runs once for both examples.
+    examples += [KTOExample(p.prompt_ids, p.rejected_ids, False) for p in pairs()[1:5:2]]
     items = with_mismatched(examples, seed=0)
     base = make_tiny_model(seed=0)
     rows = [(it.example.prompt_ids, it.example.completion_ids) for it in items]
@@ -199,3 +202,83 @@ def test_kto_reference_and_loss_match_plain_rows(
     want = kto(KTOLogps(pol[:b], expected_ref[:b], desirable, z0), beta=0.1).losses.sum()
     torch.testing.assert_close(out.loss_sum.detach(), want, atol=1e-4, rtol=1e-4)
     assert out.loss_sum.requires_grad
+
+
+def kto_items_sharing_prompts():
+    from alignkit.data.preference import KTOExample
+    from alignkit.train.kto import with_mismatched
+
+    examples = [KTOExample(p.prompt_ids, p.chosen_ids, True) for p in pairs()]
+    examples += [KTOExample(p.prompt_ids, p.rejected_ids, False) for p in pairs()]
+    return with_mismatched(examples, seed=0)  # example i and i + 6 share a prompt
+
+
+def test_kto_step_continues_the_matched_prompts(monkeypatch):
+    """Packed, the policy's mismatched rows continue the prompts of the training forward: the
+    no-grad forward runs each prompt's last token and the mismatched completion only, and the
+    loss and gradient equal those of running the whole mismatched rows."""
+    from alignkit.train import kto as K
+
+    items = kto_items_sharing_prompts()
+    method = K.KTOMethod({"beta": 0.1}, pad_id=2, max_length=64)
+    batch = method.collate([Indexed("train", i, it) for i, it in enumerate(items[:8])])
+    prompts = {tuple(it.example.prompt_ids) for it in items[:8]}
+    assert len(prompts) < 8  # some examples of the batch share a prompt
+    width = sum(len(p) for p in prompts) + sum(len(it.example.completion_ids) for it in items[:8])
+    assert batch["input_ids"].shape[1] == width  # each prompt once
+    policy = LogpsModel(lora_policy())
+    with torch.no_grad():  # a reference that puts z0 at 0.5, far from its clamp at 0
+        kl_rows, _ = segment_logps(policy, K.rows_view(batch, K.KL_PREFIX), 8)
+    method.reference = lambda b: torch.cat([torch.zeros(8), kl_rows - 0.5])
+    widths = []
+    real = LogpsModel.hidden_states
+
+    def spy(self, input_ids, *args, **kwargs):
+        widths.append(input_ids.shape[1])
+        return real(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(LogpsModel, "hidden_states", spy)
+
+    def loss_and_grads(b):
+        policy.zero_grad(set_to_none=True)
+        out = method.step(policy, b)
+        out.loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return out.loss_sum.detach(), out.metrics["kl"], grads
+
+    cont = loss_and_grads(batch)
+    kl_tokens = sum(1 + len(it.kl_completion_ids) for it in items[:8])
+    assert widths == [width, kl_tokens]
+    widths.clear()
+    full = loss_and_grads({k: v for k, v in batch.items() if not k.startswith(K.CONT_PREFIX)})
+    assert widths == [width, batch["kl_input_ids"].shape[1]]
+    torch.testing.assert_close(cont[1], torch.full((8,), 0.5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(cont[0], full[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cont[1], full[1], atol=1e-5, rtol=1e-5)
+    assert cont[2].keys() == full[2].keys() and cont[2]
+    for k in cont[2]:
+        torch.testing.assert_close(cont[2][k], full[2][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_kto_reference_pass_batches_examples_by_prompt():
+    """The precomputing pass puts examples that share a prompt in one batch (every example once)
+    and gives the log-probs of the plain in-order pass."""
+    from alignkit.train.kto import KTOMethod, by_prompt, kto_ref_logps
+    from alignkit.train.reference import compute_logps
+
+    items = [Indexed("train", i, it) for i, it in enumerate(kto_items_sharing_prompts())]
+    batches = by_prompt(items, 4)
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    for b in batches:
+        assert b and len(b) % 2 == 0  # whole prompts: both of each prompt's examples
+        prompts = [tuple(items[i].example.example.prompt_ids) for i in b]
+        assert all(prompts.count(p) == 2 for p in prompts)
+    method = KTOMethod({}, pad_id=2, max_length=64)
+    model = LogpsModel(make_tiny_model(seed=0))
+    kw = {"batch_size": 4, "device": torch.device("cpu")}
+    grouped = compute_logps(model, items, method.collate, kto_ref_logps, order=by_prompt, **kw)
+    plain = compute_logps(model, items, method.collate, kto_ref_logps, **kw)
+    assert grouped.shape == (12, 2)
+    torch.testing.assert_close(grouped, plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="every item exactly once"):
+        compute_logps(model, items, method.collate, kto_ref_logps, order=lambda it, b: [[0]], **kw)

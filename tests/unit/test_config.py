@@ -104,3 +104,9 @@ def test_ppo_takes_the_shared_checkpoint_settings():
         "train.resume=auto", "train.keep_checkpoints=3",
     ])  # fmt: skip
     assert (cfg.train.save_every, cfg.train.resume, cfg.train.keep_checkpoints) == (5, "auto", 3)
+
+
+def test_group_by_prompt_is_for_kto():
+    assert load_config(None, ["method=kto", "train.group_by_prompt=true"]).train.group_by_prompt
+    with pytest.raises(ConfigError, match="group_by_prompt is for kto"):
+        load_config(None, ["method=dpo", "train.group_by_prompt=true"])

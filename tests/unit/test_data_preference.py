@@ -350,3 +350,24 @@ def test_kto_from_pairs(tokenizer, data_dir):
     # The split is made before unpairing: both halves of a held-out pair are held out.
     assert data.eval[0].prompt_ids == data.eval[1].prompt_ids
     assert data.eval[0].prompt_ids not in [e.prompt_ids for e in data.train]
+
+
+def test_kto_mismatched_completions_come_from_other_prompts(tokenizer, data_dir):
+    """Unpaired from pairs, two examples share each prompt: an example's KL row must not take
+    the other one's completion (it would not be mismatched), and examples sharing a prompt get
+    one group id."""
+    from alignkit.train.kto import prompt_group_ids, with_mismatched
+
+    src = str(data_dir / "hh-rlhf-harmless" / "pairs.jsonl")
+    data = load_kto_data(DataConfig(train=src, limit=40), tokenizer, seed=0)
+    groups = prompt_group_ids(data.train)
+    assert len(set(groups)) == len(data.train) // 2
+    for seed in range(5):
+        items = with_mismatched(data.train, seed)
+        for it, g in zip(items, groups, strict=True):
+            owners = [
+                j for j, ex in enumerate(data.train) if ex.completion_ids == it.kl_completion_ids
+            ]
+            assert owners and all(groups[j] != g for j in owners)
+    same = [KTOExample([1], [10 + i], True) for i in range(3)]  # one prompt only: the next one
+    assert [it.kl_completion_ids for it in with_mismatched(same, 0)] != [[10], [11], [12]]

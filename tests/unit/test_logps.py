@@ -32,6 +32,19 @@ def test_chunked_matches_plain_values_and_grads(chunk, temperature):
     torch.testing.assert_close(w1.grad, w2.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [3, 1024])  # recomputed, kept (and overwritten) logits
+def test_a_second_backward_gives_the_same_gradient(chunk):
+    torch.manual_seed(1)
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(50, 8)
+    loss = target_logps(h, w, torch.randint(0, 50, (10,)), chunk_size=chunk).sum()
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    h.grad = None
+    loss.backward()
+    torch.testing.assert_close(h.grad, first)
+
+
 def test_frozen_head_gets_no_grad_and_empty_input_is_fine():
     h = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(20, 8)
