@@ -40,7 +40,6 @@ from alignkit.data.preference import PairExample
 from alignkit.data.tokenize import IGNORE_INDEX
 
 PaddingSide = Literal["right", "left"]
-_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
 
 
 def _check_prompt(prompt_ids: list[int]) -> None:
@@ -118,6 +117,16 @@ def collate_pairs(
     return collate_rows(rows, pad_id, padding_side)
 
 
+def shared_prompt_mask(prompt: int, responses: list[int]) -> torch.Tensor:
+    """(n, n) bool, True = may attend, for a block ``[prompt, r_1, ..., r_m]`` without padding:
+    the prompt is causal, each response sees the prompt and its own earlier tokens only."""
+    sizes = torch.tensor([prompt, *responses])
+    part = torch.repeat_interleave(torch.arange(len(sizes)), sizes)  # 0 = prompt, j = r_j
+    q, k = part[:, None], part[None, :]
+    causal = torch.ones(len(part), len(part), dtype=torch.bool).tril()
+    return causal & ((k == 0) | (q == k))
+
+
 def prefix_shared_mask(prompt: int, chosen: int, rejected: int, width: int) -> torch.Tensor:
     """(T, T) bool, True = may attend, for a row [prompt, chosen, rejected, padding].
 
@@ -125,15 +134,10 @@ def prefix_shared_mask(prompt: int, chosen: int, rejected: int, width: int) -> t
     earlier rejected tokens, never the chosen ones. Padding sees only itself: a query with no
     allowed key makes SDPA return NaN, which then leaks into real rows via 0 * NaN.
     """
-    kind = torch.full((width,), _PAD, dtype=torch.long)
-    kind[:prompt] = _PROMPT
-    kind[prompt : prompt + chosen] = _CHOSEN
-    kind[prompt + chosen : prompt + chosen + rejected] = _REJECTED
-    q, k = kind[:, None], kind[None, :]  # (T, 1) queries, (1, T) keys
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    real = causal & (q != _PAD) & ((k == _PROMPT) | (q == k))
-    pad_self = torch.eye(width, dtype=torch.bool) & (q == _PAD)
-    return real | pad_self
+    n = prompt + chosen + rejected
+    mask = torch.eye(width, dtype=torch.bool)  # padding sees itself (real tokens do anyway)
+    mask[:n, :n] = shared_prompt_mask(prompt, [chosen, rejected])
+    return mask
 
 
 def collate_pairs_shared(
@@ -208,32 +212,6 @@ def _pack(blocks: list[_Block], pad_id: int) -> tuple[dict[str, torch.Tensor], l
     return batch, starts
 
 
-def collate_packed_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
-    """Rows of prompt + response packed into one (1, N) row, with targets (segment = row index)
-    and spans; the log-probs equal `collate_rows`' on the same rows."""
-    blocks = []
-    for prompt, response in rows:
-        _check_prompt(prompt)
-        n = len(prompt) + len(response)
-        blocks.append(_Block(prompt + response, torch.arange(n), None))
-    batch, starts = _pack(blocks, pad_id)
-    parts = [
-        _targets(0, s + len(p), s + len(p) - 1, r, segment=i)
-        for i, ((p, r), s) in enumerate(zip(rows, starts, strict=True))
-    ]
-    return {**batch, **_cat_targets(parts)}
-
-
-def shared_prompt_mask(prompt: int, responses: list[int]) -> torch.Tensor:
-    """(n, n) bool, True = may attend, for a block ``[prompt, r_1, ..., r_m]`` without padding:
-    the prompt is causal, each response sees the prompt and its own earlier tokens only."""
-    sizes = torch.tensor([prompt, *responses])
-    part = torch.repeat_interleave(torch.arange(len(sizes)), sizes)  # 0 = prompt, j = r_j
-    q, k = part[:, None], part[None, :]
-    causal = torch.ones(len(part), len(part), dtype=torch.bool).tril()
-    return causal & ((k == 0) | (q == k))
-
-
 # One prompt and its responses, each with the segment its log-prob sums into.
 SharedGroup = tuple[list[int], list[tuple[list[int], int]]]
 
@@ -260,6 +238,12 @@ def collate_packed_shared(groups: list[SharedGroup], pad_id: int) -> dict[str, A
             parts.append(_targets(0, col, s + len(prompt) - 1, ids, segment=segment))
             col += len(ids)
     return {**batch, **_cat_targets(parts)}
+
+
+def collate_packed_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
+    """Rows of prompt + response packed into one (1, N) row, with targets (segment = row index)
+    and spans; the log-probs equal `collate_rows`' on the same rows."""
+    return collate_packed_shared([(p, [(r, i)]) for i, (p, r) in enumerate(rows)], pad_id)
 
 
 def collate_packed_pairs(examples: list[PairExample], pad_id: int) -> dict[str, Any]:

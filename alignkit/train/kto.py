@@ -143,9 +143,9 @@ def by_prompt(items: list[Indexed], batch_size: int) -> list[list[int]]:
     """Batches of about `batch_size` examples in which examples sharing a prompt sit together
     (at most `batch_size` of them in one block), so the reference pass runs each prompt once
     for all of them: unpaired data made from pairs has two examples per prompt."""
-    same: dict[tuple[int, ...], list[int]] = {}
-    for i, it in enumerate(items):
-        same.setdefault(tuple(it.example.example.prompt_ids), []).append(i)
+    same: dict[int, list[int]] = {}
+    for i, g in enumerate(prompt_group_ids([it.example.example for it in items])):
+        same.setdefault(g, []).append(i)
     batches, current = [], []
     for idx in same.values():
         for s in range(0, len(idx), batch_size):
