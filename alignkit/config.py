@@ -90,11 +90,12 @@ class TrainConfig(Section):
         False, description="Turn the speed levers off (plain layout) to compare with TRL"
     )
     group_by_length: bool = True
-    group_by_prompt: bool = Field(
-        False,
-        description="KTO: put the examples that share a prompt in the same micro-batch, so a "
-        "packed batch runs that prompt once (they are then not drawn independently); the order "
-        "wins over group_by_length",
+    group_by_prompt: bool | None = Field(
+        None,
+        description="KTO: put the examples that share a prompt in the same micro-batch (a "
+        "pair's two halves together: the batch holds both labels of each prompt and a packed "
+        "batch runs the prompt once); unset, on for kto unless train.parity; false gives the "
+        "shuffle (or group_by_length order) of the other methods. Wins over group_by_length",
     )
     logps_chunk_size: int = Field(1024, gt=0, description="Rows of the LM head per chunk")
     log_every: int = Field(1, gt=0)

@@ -137,9 +137,10 @@ def alignkit_order(
     n: int, batch_size: int, seed: int, prompt_groups: list[int] | None = None
 ) -> tuple[list[int], bool]:
     """Example indices in the order alignkit's first epoch takes them with
-    ``train.group_by_length=false`` (a seeded shuffle), or with ``train.group_by_prompt=true``
-    given the examples' `prompt_groups`, micro-batch after micro-batch; and whether every
-    micro-batch is full (otherwise a sequential sampler's batches drift out of step)."""
+    ``train.group_by_length=false`` (a seeded shuffle), or by whole prompts
+    (``train.group_by_prompt``) given the examples' `prompt_groups`, micro-batch after
+    micro-batch; and whether every micro-batch is full (otherwise a sequential sampler's batches
+    drift out of step)."""
     importable_alignkit()
     from alignkit.train.stream import MicroBatchStream
 

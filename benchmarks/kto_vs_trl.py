@@ -3,15 +3,16 @@
     python benchmarks/kto_vs_trl.py                  # 64 HH-RLHF pairs -> 128 examples, batch 4
     python benchmarks/kto_vs_trl.py --pairs 8        # a quick check
     python benchmarks/kto_vs_trl.py --trl-inputs alignkit   # TRL gets alignkit's ids and KL rows
-    python benchmarks/kto_vs_trl.py --group-by-prompt       # a pair's two examples in one batch
+    python benchmarks/kto_vs_trl.py --shuffled       # examples shuffled one by one, not by prompt
 
 Child processes, one after the other (this file run with ``--child``), each reporting its own
 peak RSS (``ru_maxrss``) and timings: ``alignkit`` (``method=kto`` with its defaults: each
 micro-batch's rows packed into one row without padding, a prompt shared by several of them once;
 the KL rows' no-grad forward continuing those prompts from their kept keys and values; reference
 log-probs of every example and of its KL row precomputed once with the adapter disabled, each
-prompt once, in a fresh ``ALIGNKIT_CACHE``; with ``--group-by-prompt``,
-``train.group_by_prompt=true``) and ``trl`` (``KTOTrainer`` with ``peft_config``: the reference is
+prompt once, in a fresh ``ALIGNKIT_CACHE``; batches of whole prompts, a pair's two examples
+together, as ``train.group_by_prompt`` does by default for KTO; with ``--shuffled``,
+``train.group_by_prompt=false``) and ``trl`` (``KTOTrainer`` with ``peft_config``: the reference is
 the policy with the adapter disabled, computed live at every step,
 ``precompute_ref_log_probs=False``); with ``--parity``, also ``parity`` (alignkit with
 ``train.parity=true``: padded rows, as TRL lays them out). alignkit's time is its reference
@@ -23,9 +24,9 @@ the model settings are made equal as in ``dpo_vs_trl.py`` (see its docstring). K
 - Data: the same pairs file as the DPO benchmark; alignkit reads the pairs and unpairs them
   itself (each pair gives its chosen reply as desirable, its rejected reply as undesirable: 2N
   examples, balanced, so both weights stay 1.0); TRL gets those same examples as conversational
-  ``prompt``/``completion``/``label`` rows, in alignkit's shuffled order
-  (``train.group_by_length=false``, or the prompt-grouped order of ``--group-by-prompt``), with
-  its sequential sampler (KTOTrainer's default).
+  ``prompt``/``completion``/``label`` rows, in alignkit's order (a seeded shuffle of the
+  prompts, or with ``--shuffled`` of the examples, ``train.group_by_length=false``), with a
+  sequential sampler.
 - Loss: both are ``1 - sigmoid(beta (r - z0))`` for desirable and ``1 - sigmoid(beta (z0 - r))``
   for undesirable examples, averaged over the examples of the batch, with z0 the batch mean of
   policy - reference log-probs of the mismatched (KL) rows, clamped at 0, without gradient.
@@ -35,10 +36,11 @@ completion each example's KL row borrows. TRL rotates the completions by one *wi
 (row k of a batch takes the completion of row k - 1 of the same batch). alignkit fixes each
 example's mismatched completion once at load time (``alignkit/train/kto.py``: example i takes the
 completion of the next example in a seeded shuffle of the dataset whose prompt is another one), so
-that the reference log-probs of the KL rows can be precomputed and cached; with
-``group_by_length=false`` that shuffle is the batch order, so most partners of a batch of 4 come
-from the batch itself (the next row instead of the previous) and the last comes from the next
-batch. Step 1 is identical
+that the reference log-probs of the KL rows can be precomputed and cached; with ``--shuffled``
+that shuffle is the batch order, so most partners of a batch of 4 come from the batch itself (the
+next row instead of the previous) and the last comes from the next batch. In batches of whole
+prompts TRL's rotation gives one KL row of each pair the other half's completion (same prompt:
+not mismatched) where alignkit's come from other prompts. Step 1 is identical
 (policy = reference, so r = z0 = 0 and every loss is 0.5); after it z0 is estimated from
 different mismatched rows, a different sample of the same quantity. ``--trl-inputs alignkit``
 gives TRL alignkit's token ids and alignkit's KL completions (a ``KTOTrainer`` subclass that
@@ -234,7 +236,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     for row, ex in zip(unpaired, loaded.train, strict=True):
         if row["label"] != ex.desirable:
             raise SystemExit("alignkit's unpaired examples are not in the expected order")
-    groups = prompt_group_ids(loaded.train) if args.group_by_prompt else None
+    groups = None if args.shuffled else prompt_group_ids(loaded.train)
     order, aligned = common.alignkit_order(len(items), args.batch_size, args.seed, groups)
     ids = []
     for i in order:
@@ -293,10 +295,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run alignkit with train.parity=true (padded rows), after the alignkit child",
     )
     p.add_argument(
-        "--group-by-prompt",
+        "--shuffled",
         action="store_true",
-        help="alignkit with train.group_by_prompt=true (a pair's two examples in one batch, "
-        "their prompt run once); TRL gets that same order",
+        help="alignkit with train.group_by_prompt=false: a seeded shuffle of the examples, a "
+        "pair's two in different batches (TRL gets that same order)",
     )
     p.add_argument("--workdir", type=Path, default=None, help="default: a new temp directory")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         workdir,
         beta=args.beta,
         trl_inputs=args.trl_inputs,
-        group_by_prompt=args.group_by_prompt,
+        group_by_prompt=not args.shuffled,
     )
     print(
         f"[bench] KTO, {args.model} ({facts['model_path']}), {args.pairs} HH-RLHF pairs -> "
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.batch_size}, one epoch, max_length {args.max_length}, LoRA r={args.lora_r} "
         f"alpha={args.lora_alpha:g} dropout={args.lora_dropout:g} on q,k,v,o, beta {args.beta:g}, "
         f"lr {args.lr:g} constant, fp32 CPU, TRL inputs: {args.trl_inputs}, order: "
-        f"{'grouped by prompt' if args.group_by_prompt else 'shuffled'}; workdir {workdir}",
+        f"{'examples shuffled' if args.shuffled else 'whole prompts'}; workdir {workdir}",
         flush=True,
     )
     if not facts["aligned"]:

@@ -262,6 +262,10 @@ def build_kto_method(cfg: RunConfig, tokenizer) -> Any:
     eval_items = with_mismatched(data.eval, cfg.train.seed) if data.eval else []
     n_d = sum(ex.desirable for ex in data.train)
     stats = {k: v for k, v in vars(data.stats).items() if not k.startswith("_")}
+    # Batches of whole prompts unless told otherwise (parity keeps TRL's independent shuffle):
+    # unpaired data made from pairs then has both halves of each pair in one batch.
+    grouped = cfg.train.group_by_prompt
+    grouped = not cfg.train.parity if grouped is None else grouped
     return MethodSetup(
         method=KTOMethod(
             cfg.method_params(), pad_id, cfg.data.max_length, packed=not cfg.train.parity
@@ -276,9 +280,12 @@ def build_kto_method(cfg: RunConfig, tokenizer) -> Any:
             "desirable": n_d,
             "undesirable": len(data.train) - n_d,
             "layout": "plain" if cfg.train.parity else "packed",
+            "order": "by prompt"
+            if grouped
+            else ("by length" if cfg.train.group_by_length else "shuffled"),
         },
         needs_reference=True,
         ref_logps=kto_ref_logps,
         ref_order=None if cfg.train.parity else by_prompt,
-        prompt_groups=prompt_group_ids(data.train),
+        prompt_groups=prompt_group_ids(data.train) if grouped else None,
     )

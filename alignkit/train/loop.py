@@ -176,7 +176,7 @@ class Trainer:
             accelerator.num_processes,
             self.tcfg.seed,
             self.tcfg.group_by_length,
-            prompt_groups if self.tcfg.group_by_prompt else None,
+            prompt_groups,
         )
         if self.stream.per_epoch == 0:
             raise AlignkitError(

@@ -30,8 +30,8 @@ class MethodSetup:
     # log-probs, when some order makes that pass cheaper (KTO: examples sharing a prompt
     # together); None: in order, batch_size at a time
     ref_order: Callable[[list[Any], int], list[list[int]]] | None = None
-    # per training example, an id shared by the examples with the same prompt (KTO), for
-    # train.group_by_prompt
+    # per training example, an id shared by the examples with the same prompt: given (KTO,
+    # train.group_by_prompt), the batches hold whole prompts
     prompt_groups: list[int] | None = None
     head: str = "lm"  # "lm" (causal LM) or "reward" (scalar score head), for load_model
     # (trained model, final/ dir) -> extra summary.json entries, run on the main process after

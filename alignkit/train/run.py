@@ -154,6 +154,11 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
             f"{len(setup.eval)} eval examples; {params.trainable:,} of {params.total:,} "
             f"parameters trainable; device {acc.device}, {acc.num_processes} process(es)"
         )
+        if setup.prompt_groups is not None:
+            log(
+                "[alignkit] batches hold whole prompts: the examples sharing one are drawn "
+                "together (train.group_by_prompt=false for a shuffle of examples)"
+            )
     before = sample_generations(model, tokenizer, cfg) if acc.is_main_process else []
     logger = (
         make_loggers(cfg.train.loggers, run_dir, cfg.model_dump(mode="json"))

@@ -371,3 +371,32 @@ def test_kto_mismatched_completions_come_from_other_prompts(tokenizer, data_dir)
             assert owners and all(groups[j] != g for j in owners)
     same = [KTOExample([1], [10 + i], True) for i in range(3)]  # one prompt only: the next one
     assert [it.kl_completion_ids for it in with_mismatched(same, 0)] != [[10], [11], [12]]
+
+
+def test_kto_batches_hold_whole_prompts_unless_turned_off(tokenizer, data_dir):
+    """By default a KTO run's batches hold whole prompts (a pair's two halves together, so each
+    batch has both labels of its prompts); train.group_by_prompt=false and train.parity give
+    the examples' own order."""
+    from alignkit.config import load_config
+    from alignkit.train.methods import build_method
+    from alignkit.train.stream import MicroBatchStream
+
+    src = str(data_dir / "hh-rlhf-harmless" / "pairs.jsonl")
+    base = ["method=kto", f"data.train={src}", "data.limit=40", "train.batch_size=4"]
+    setup = build_method(load_config(None, base), tokenizer)
+    assert setup.info["order"] == "by prompt"
+    stream = MicroBatchStream(setup.lengths, 4, 1, seed=0, prompt_groups=setup.prompt_groups)
+    for i in range(stream.per_epoch):
+        batch = [setup.train[j].example.example for j in stream.indices(i, 0)]
+        assert sorted(ex.desirable for ex in batch) == [False, False, True, True]
+        assert len({tuple(ex.prompt_ids) for ex in batch}) == 2
+    for off, order in (
+        ("train.group_by_prompt=false", "by length"),
+        ("train.parity=true", "by length"),
+    ):
+        setup = build_method(load_config(None, [*base, off]), tokenizer)
+        assert setup.prompt_groups is None and setup.info["order"] == order
+    explicit = build_method(
+        load_config(None, [*base, "train.parity=true", "train.group_by_prompt=true"]), tokenizer
+    )
+    assert explicit.prompt_groups is not None

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from alignkit.ops.logps import (
+    ROWS_PER_PASS,
     label_positions,
     per_sequence_sum,
     plain_target_logps,
@@ -12,16 +13,20 @@ from alignkit.ops.logps import (
 from alignkit.train.forward import LogpsModel
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 10, 1024])  # 10, 1024: one chunk, kept
+# 70 rows: a chunk of 40 or 1024 is worked on in passes of ROWS_PER_PASS, the last one short;
+# 1024 is one chunk, kept for the backward
+@pytest.mark.parametrize("chunk", [1, 3, 40, 1024])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_matches_plain_values_and_grads(chunk, temperature):
     torch.manual_seed(0)
-    h1 = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    n = 70
+    assert ROWS_PER_PASS < 40 < n
+    h1 = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
     h2 = h1.detach().clone().requires_grad_(True)
     w2 = w1.detach().clone().requires_grad_(True)
-    t = torch.randint(0, 50, (10,))
-    weights = torch.randn(10, dtype=torch.float64)
+    t = torch.randint(0, 50, (n,))
+    weights = torch.randn(n, dtype=torch.float64)
 
     ours = target_logps(h1, w1, t, chunk_size=chunk, temperature=temperature)
     ref = plain_target_logps(h2 @ w2.T, t, temperature=temperature)
