@@ -2,10 +2,12 @@
 
 A checkpoint holds only what changes during training: the trainable parameters (the LoRA
 adapter, or every weight in full fine-tuning), the optimizer and scheduler states, each process's
-random number generator states (LoRA dropout draws from them) and the position in the data
-stream. The frozen base is not copied: it is reloaded from the model it came from. A method with
-state of its own beyond these (PPO: its KL controller, prompt position, minibatch shuffle) passes
-it as `extra`, written before the state file like everything else.
+random number generator states (LoRA dropout draws from them), the fp16 loss scaler's state (a
+resumed fp16 run would otherwise restart from the initial scale and skip steps finding it again)
+and the position in the data stream. The frozen base is not copied: it is reloaded from the
+model it came from. A method with state of its own beyond these (PPO: its KL controller, prompt
+position, minibatch shuffle) passes it as `extra`, written before the state file like
+everything else.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from alignkit.errors import AlignkitError
 
 STATE_FILE = "trainer_state.json"
 EXTRA_FILE = "method_state.pt"
+SCALER_FILE = "scaler.pt"
 
 
 @dataclass
@@ -80,6 +83,7 @@ def save_checkpoint(
     rank: int,
     is_main: bool,
     extra: dict[str, Any] | None = None,
+    scaler=None,
 ) -> None:
     """Write one checkpoint; the state file goes last so a crash leaves no 'complete' partial.
 
@@ -93,12 +97,16 @@ def save_checkpoint(
     save_file(trainable_state(model), str(ckpt_dir / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
     torch.save(scheduler.state_dict(), ckpt_dir / "scheduler.pt")
+    if scaler is not None:  # fp16 mixed precision: accelerate's GradScaler
+        torch.save(scaler.state_dict(), ckpt_dir / SCALER_FILE)
     if extra is not None:
         torch.save(extra, ckpt_dir / EXTRA_FILE)
     (ckpt_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
 
 
-def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, *, rank: int):
+def load_checkpoint(
+    ckpt_dir: Path, model: nn.Module, optimizer, scheduler, *, rank: int, scaler=None
+):
     """Restore a checkpoint in place; returns its TrainerState."""
     weights = load_file(str(ckpt_dir / "trainable.safetensors"))
     params = dict(model.named_parameters())
@@ -114,6 +122,8 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, *, r
             params[name].copy_(value.to(params[name].device, params[name].dtype))
     optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=False))
+    if scaler is not None and (ckpt_dir / SCALER_FILE).is_file():
+        scaler.load_state_dict(torch.load(ckpt_dir / SCALER_FILE, weights_only=True))
     rng_file = ckpt_dir / f"rng-{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -222,6 +222,7 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             rank=self.acc.process_index,
+            scaler=self.acc.scaler,
         )
         self.acc.print(f"[alignkit] resumed from {found[-1]} (step {self.state.step}/{self.steps})")
         return True
@@ -237,6 +238,7 @@ class Trainer:
             self.state,
             rank=self.acc.process_index,
             is_main=self.acc.is_main_process,
+            scaler=self.acc.scaler,
         )
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:

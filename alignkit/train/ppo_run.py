@@ -327,6 +327,7 @@ class PPOState:
             rank=0,
             is_main=True,
             extra=self.checkpoint_extra(stream, fit, ref),
+            scaler=self.acc.scaler,
         )
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         return ckpt
@@ -347,7 +348,9 @@ class PPOState:
                 hint="resume it with the method that wrote it, or use a new output_dir",
             )
         trainable = self.models.trainable()
-        fit.state = load_checkpoint(ckpt, trainable, opt.optimizer, opt.scheduler, rank=0)
+        fit.state = load_checkpoint(
+            ckpt, trainable, opt.optimizer, opt.scheduler, rank=0, scaler=self.acc.scaler
+        )
         self.kl.load_state_dict(extra["kl"])
         stream.pos = int(extra["prompt_position"])
         self.generator.set_state(extra["generator"])

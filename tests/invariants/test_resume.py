@@ -71,3 +71,36 @@ def test_interrupt_saves_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(Interrupted, match="resume=auto"):
         trainer.fit()
     assert (tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+
+
+def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
+    """fp16 runs scale the loss with a GradScaler whose scale moves during training (halved on
+    overflow, grown after a streak of good steps): a resumed run must continue from it, not
+    from the initial scale. (CUDA is where fp16 runs; the CPU scaler has the same state.)"""
+    from alignkit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
+    for overflow in (False, True, False, False):
+        opt.zero_grad()
+        scaler.scale(model(torch.ones(2, 3)).sum()).backward()
+        if overflow:
+            model.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**9 and scaler.state_dict()["_growth_tracker"] == 2
+    ckpt = tmp_path / "step-4"
+    state = TrainerState(step=4)
+    save_checkpoint(ckpt, model, opt, sched, state, rank=0, is_main=True, scaler=scaler)
+
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
+    load_checkpoint(ckpt, model, opt, sched, rank=0, scaler=fresh)
+    assert fresh.state_dict() == scaler.state_dict()
+    # A checkpoint written without a scaler (bf16 or fp32 runs) leaves one alone.
+    plain = tmp_path / "plain"
+    save_checkpoint(plain, model, opt, sched, state, rank=0, is_main=True)
+    untouched = torch.amp.GradScaler("cpu", init_scale=8.0)
+    load_checkpoint(plain, model, opt, sched, rank=0, scaler=untouched)
+    assert untouched.get_scale() == 8.0
