@@ -157,7 +157,7 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
         if setup.prompt_groups is not None:
             log(
                 "[alignkit] batches hold whole prompts: the examples sharing one are drawn "
-                "together (train.group_by_prompt=false for a shuffle of examples)"
+                "together (train.group_by_prompt=false to order the examples one by one)"
             )
     before = sample_generations(model, tokenizer, cfg) if acc.is_main_process else []
     logger = (

@@ -101,8 +101,9 @@ def test_kto_lifts_heldout_rewards(tmp_path_factory, hh_short, smollm2_dir):
     # rejected one undesirable), 100 held-out pairs, batches of whole prompts (the default).
     # Measured (CPU, seed 0, packed batches): held-out margin 0 -> 0.41 (desirable +0.04,
     # undesirable -0.37), pair accuracy against the base 0.62 with margin 0.41; 43 steps, about
-    # 7.5 minutes on two threads. Shuffled one by one (train.group_by_prompt=false): margin 0.31
-    # (desirable -0.20, undesirable -0.51), accuracy 0.60, about 9 minutes.
+    # 7.5 minutes on two threads. Examples one by one (train.group_by_prompt=false, batches
+    # grouped by length): margin 0.31 (desirable -0.20, undesirable -0.51), accuracy 0.60, about
+    # 9 minutes.
     out = tmp_path_factory.mktemp("kto")
     summary = run(
         "kto",
