@@ -70,11 +70,11 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             # recomputed instead of stored
             logits = kept if kept is not None else _logits(h, weight, temp)
             # d logp_t / d logits = onehot(t) - softmax(logits), then the 1/T of the scaling
-            grad_logits, block_lse = logits, lse[s : s + chunk, None]
-            for r in range(0, logits.shape[0], ROWS_PER_PASS):
+            block_lse = lse[s : s + chunk, None]
+            for r in range(0, logits.shape[0], ROWS_PER_PASS):  # in place: -g * softmax
                 part = slice(r, r + ROWS_PER_PASS)
                 logits[part].sub_(block_lse[part]).exp_().mul_(-g[part, None])
-            grad_logits.scatter_add_(1, targets[s : s + chunk, None], g[:, None])
+            grad_logits = logits.scatter_add_(1, targets[s : s + chunk, None], g[:, None])
             if temp != 1.0:
                 grad_logits = grad_logits.div_(temp)
             grad_logits = grad_logits.to(hidden.dtype)

@@ -64,7 +64,8 @@ class KVStore:
         self.kv.clear()
 
 
-Prefix = tuple[KVStore, Sequence[tuple[int, int]]]  # the store, a column range per span
+# The store, and per span a column range of the kept row and the span's `continuation_mask`
+Prefix = tuple[KVStore, Sequence[tuple[int, int]], Sequence[Tensor]]
 
 
 def continuation_mask(queries: int, prefix: int, device: torch.device) -> Tensor:
@@ -97,7 +98,7 @@ def packed_attention(
     if kv_out is not None:
         kv_out.kv[module] = (key.detach(), value.detach())
     if prefix is not None:
-        store, columns = prefix
+        store, columns, masks = prefix
         kept_key, kept_value = store.kv[module]
     kwargs.pop("is_causal", None)
     outs = []
@@ -107,7 +108,7 @@ def packed_attention(
             first, last = columns[k]
             span_key = torch.cat([kept_key[:, :, first:last], span_key], dim=2)
             span_value = torch.cat([kept_value[:, :, first:last], span_value], dim=2)
-            mask, causal = continuation_mask(end - start, last - first, query.device), False
+            mask, causal = masks[k], False
         else:
             mask = None if causal else attention_mask[:, :, start:end, start:end]
         out, _ = sdpa(
@@ -164,5 +165,12 @@ def span_kwargs(
     if kv_in is not None:
         if not kv_in or prefix is None or len(prefix) != len(out[SPANS_KWARG]):
             raise ValueError("continuing a kept row needs a filled store and one prefix per span")
-        out[PREFIX_KWARG] = (kv_in, tuple((int(a), int(b)) for a, b in prefix.tolist()))
+        columns = tuple((int(a), int(b)) for a, b in prefix.tolist())
+        device = next(iter(kv_in.kv.values()))[0].device
+        # built once here, not in each layer's attention call
+        masks = tuple(
+            continuation_mask(end - start, last - first, device)
+            for (start, end, _), (first, last) in zip(out[SPANS_KWARG], columns, strict=True)
+        )
+        out[PREFIX_KWARG] = (kv_in, columns, masks)
     return out

@@ -125,17 +125,14 @@ def prompt_groups(items: list[KTOItem], mismatched: bool) -> tuple[list[SharedGr
     example t with that prompt, and with `mismatched` its mismatched completion (segment B + t);
     and the group of each example."""
     b = len(items)
-    index: dict[tuple[int, ...], int] = {}
+    group_of = prompt_group_ids([k.example for k in items])  # 0, 1, ... in first-seen order
     groups: list[SharedGroup] = []
-    group_of = []
-    for t, k in enumerate(items):
-        g = index.setdefault(tuple(k.example.prompt_ids), len(groups))
-        if g == len(groups):
+    for t, (k, g) in enumerate(zip(items, group_of, strict=True)):
+        if g == len(groups):  # the first example with this prompt
             groups.append((k.example.prompt_ids, []))
         groups[g][1].append((k.example.completion_ids, t))
         if mismatched:
             groups[g][1].append((k.kl_completion_ids, b + t))
-        group_of.append(g)
     return groups, group_of
 
 
