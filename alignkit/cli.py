@@ -139,28 +139,22 @@ def data_check(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Preflight a data file: format, lengths, truncation, duplicates, label mask."""
-    from alignkit.config import METHODS, DataConfig, ModelConfig, PPOConfig
-    from alignkit.data import preflight_preference, preflight_sft, render_report
+    from alignkit.config import DataConfig, ModelConfig, PPOConfig
+    from alignkit.data import preflight_for, render_report
+    from alignkit.methods import spec
     from alignkit.models import load_tokenizer
 
     try:
-        if method not in METHODS:
-            raise AlignkitError(
-                f"unknown method '{method}'", hint=f"use one of: {', '.join(METHODS)}"
-            )
+        kind = spec(method).data  # the method table's data kind picks the preflight
         cmap = dict(_split_pair(p) for p in column_map or [])
         dcfg = DataConfig(
             train=file, format=fmt, column_map=cmap, max_length=max_length, truncation=truncation
         )
         tok = load_tokenizer(ModelConfig(name=model))
-        # KTO reads pairs too (unpaired on load); its own prompt/completion/label rows are
-        # checked as they are read for training.
-        check = preflight_sft if method == "sft" else preflight_preference
-        if method == "ppo":  # prompts only: the responses are generated during training
-            from alignkit.data.prompt_preflight import preflight_prompts
-
+        check = preflight_for(kind)
+        if kind == "prompts":  # the responses are generated during training: leave them room
             n = PPOConfig(max_new_tokens=max_new_tokens).max_new_tokens
-            check = partial(preflight_prompts, max_new_tokens=n)
+            check = partial(check, max_new_tokens=n)
         report = check(dcfg, tok)
     except AlignkitError as exc:
         _fail(exc)

@@ -13,27 +13,29 @@ from typing import Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from alignkit.errors import ConfigError
-
-METHODS = ("sft", "dpo", "ipo", "hinge", "robust_dpo", "simpo", "orpo", "kto", "ppo", "reward")
-PAIR_METHODS = ("dpo", "ipo", "hinge", "robust_dpo", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
-# Methods without a configurable reference: PPO's is always its starting model (the adapter-off
-# base with LoRA, a frozen copy of model.name without), so `reference` would be ignored there.
-NO_REFERENCE = ("sft", "reward", "ppo", *REFERENCE_FREE)
-
-
-class Section(BaseModel):
-    """Base for every config section: unknown keys are rejected, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+from alignkit.knobs import (  # noqa: F401  (re-exported: the method sections)
+    BetaConfig,
+    DPOConfig,
+    HingeConfig,
+    IPOConfig,
+    KTOConfig,
+    ORPOConfig,
+    PPOConfig,
+    RewardConfig,
+    RobustDPOConfig,
+    Section,
+    SFTConfig,
+    SimPOConfig,
+)
+from alignkit.methods import METHODS, TABLE
 
 
 class ModelConfig(Section):
@@ -117,103 +119,6 @@ class TrainConfig(Section):
         return "no" if value is False else value
 
 
-class SFTConfig(Section):
-    """SFT has no knobs beyond the shared ones yet; the section exists for symmetry."""
-
-
-class DPOConfig(Section):
-    """DPO (Rafailov et al. 2023); label_smoothing > 0 gives conservative DPO."""
-
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-
-
-class IPOConfig(Section):
-    beta: float = Field(0.1, gt=0, description="IPO's tau")
-
-
-class HingeConfig(Section):
-    beta: float = Field(0.1, gt=0)
-
-
-class RobustDPOConfig(Section):
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="assumed label-flip rate")
-
-
-class SimPOConfig(Section):
-    beta: float = Field(2.0, gt=0)
-    gamma: float = Field(0.5, ge=0, description="target reward margin")
-
-
-class ORPOConfig(Section):
-    lambda_: float = Field(0.1, gt=0, alias="lambda", description="weight of the odds-ratio term")
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-
-class KTOConfig(Section):
-    beta: float = Field(0.1, gt=0)
-    desirable_weight: float = Field(1.0, gt=0)
-    undesirable_weight: float = Field(1.0, gt=0)
-
-
-class PPOConfig(Section):
-    """RLHF with PPO (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022).
-
-    Defaults follow the literature and the "N implementation details of RLHF with PPO" study
-    (Huang et al. 2024): k1 KL penalty in the reward, adaptive KL (target 6, horizon 10000),
-    GAE with gamma 1 and lambda 0.95, clip 0.2 for both ratio and value.
-    """
-
-    reward_model: list[str] = Field(
-        default_factory=list, description="reward model path(s); several form an ensemble"
-    )
-    reward_combine: Literal["mean", "min"] = "mean"
-    reward_fn: str | None = Field(None, description="'module:function' verifiable reward")
-    normalize_reward: bool = Field(False, description="standardise scores with the RM's stats")
-    kl_coef: float = Field(0.05, ge=0, description="initial KL penalty coefficient")
-    adaptive_kl: bool = Field(True, description="adapt kl_coef toward kl_target")
-    kl_target: float = Field(6.0, gt=0)
-    kl_horizon: float = Field(10000, gt=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    ppo_epochs: int = Field(4, gt=0)
-    rollout_batch_size: int = Field(16, gt=0, description="prompts per PPO step")
-    mini_batch_size: int = Field(4, gt=0, description="rollouts per optimizer step")
-    temperature: float = Field(0.7, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(128, gt=0)
-    whiten_rewards: bool = False
-    missing_eos_penalty: float | None = Field(
-        1.0, ge=0, description="subtracted from the score of responses that never end"
-    )
-    eval_prompts: int = Field(64, gt=0, description="held-out prompts scored before/after")
-    system_prompt: str | None = Field(None, description="system message put before each prompt")
-
-    @field_validator("reward_model", mode="before")
-    @classmethod
-    def _one_path(cls, value):
-        return [value] if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _check(self) -> PPOConfig:
-        if self.mini_batch_size > self.rollout_batch_size:
-            raise ValueError("ppo.mini_batch_size cannot exceed ppo.rollout_batch_size")
-        return self
-
-
-class RewardConfig(Section):
-    """Reward model: Bradley-Terry loss on pairs, with an optional per-pair `margin` column
-    (Llama 2) and the reward-centering term of Eisenstein et al. 2023."""
-
-    center_coef: float = Field(0.0, ge=0, description="weight of (r_chosen + r_rejected)^2")
-    use_margin: bool = Field(True, description="read a numeric per-pair `margin` column if any")
-
-
 class ReferenceConfig(Section):
     """Where reference log-probs come from (DPO family and KTO)."""
 
@@ -221,66 +126,45 @@ class ReferenceConfig(Section):
     mode: Literal["auto", "cache", "adapter", "copy"] = "auto"
 
 
-class RunConfig(Section):
+class RunConfigBase(Section):
+    """The sections every method shares; `RunConfig` adds one section per method-table row."""
+
     method: Literal[METHODS] = "sft"  # type: ignore[valid-type]
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = "runs/run"
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    dpo: DPOConfig = Field(default_factory=DPOConfig)
-    ipo: IPOConfig = Field(default_factory=IPOConfig)
-    hinge: HingeConfig = Field(default_factory=HingeConfig)
-    robust_dpo: RobustDPOConfig = Field(default_factory=RobustDPOConfig)
-    simpo: SimPOConfig = Field(default_factory=SimPOConfig)
-    orpo: ORPOConfig = Field(default_factory=ORPOConfig)
-    kto: KTOConfig = Field(default_factory=KTOConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> RunConfig:
+    def _check(self) -> RunConfigBase:
+        row = TABLE[self.method]
         if self.data.eval_fraction and self.data.eval_size:
             raise ValueError("data.eval_fraction and data.eval_size are exclusive: set one")
-        if self.method in REFERENCE_FREE and (
+        if not row.configurable_reference and (
             self.reference.model or self.reference.mode != "auto"
         ):
-            raise ValueError(
-                f"{self.method} is reference-free: remove the 'reference' section "
-                "(or use dpo for a reference-based loss)"
-            )
-        if self.method == "reward" and (self.reference.model or self.reference.mode != "auto"):
-            raise ValueError("a reward model has no reference model: remove 'reference'")
-        if self.method == "ppo" and (self.reference.model or self.reference.mode != "auto"):
-            raise ValueError(
-                "ppo's reference is always its starting model (model.name; with LoRA the base "
-                "with the adapters off): remove the 'reference' section"
-            )
-        if self.method == "reward" and self.train.sample_prompts:
+            raise ValueError(NO_REFERENCE_SECTION[row.reference].format(method=self.method))
+        if row.head == "reward" and self.train.sample_prompts:
             raise ValueError(
                 "a reward model scores text, it does not generate: remove train.sample_prompts"
             )
-        if self.train.group_by_prompt and self.method != "kto":
+        if self.train.group_by_prompt and row.data != "unpaired":
             raise ValueError(
                 f"train.group_by_prompt is for kto (unpaired examples that may share a prompt); "
                 f"{self.method} already runs each example's prompt once: remove it"
             )
-        if self.method == "ppo" and bool(self.ppo.reward_model) == bool(self.ppo.reward_fn):
-            raise ValueError(
-                "ppo needs exactly one reward source: set ppo.reward_model (a reward model "
-                "path or a list of them) or ppo.reward_fn ('module:function'), not both"
-            )
+        self.section().check_active()
         return self
+
+    def section(self) -> Section:
+        """The chosen method's own section."""
+        return getattr(self, self.method)
 
     def method_params(self) -> dict:
         """The knobs of the chosen method as keyword arguments of its loss."""
-        section = getattr(self, self.method)
-        params = section.model_dump()
-        if self.method == "orpo":  # the loss calls ORPO's lambda `beta`, as TRL does
-            params = {"beta": params.pop("lambda_")}
-        return params
+        return self.section().loss_kwargs()
 
     def to_yaml(self) -> str:
         """The resolved config, with only the chosen method's own section."""
@@ -288,9 +172,27 @@ class RunConfig(Section):
         for name in METHODS:
             if name != self.method:
                 data.pop(name, None)
-        if self.method in NO_REFERENCE:
+        if not TABLE[self.method].configurable_reference:
             data.pop("reference", None)
         return yaml.safe_dump(data, sort_keys=False)
+
+
+# Why a method refuses a `reference` section, by its table row's reference policy.
+NO_REFERENCE_SECTION = {
+    "free": "{method} is reference-free: remove the 'reference' section (or use dpo for a "
+    "reference-based loss)",
+    "none": "{method} has no reference model: remove 'reference'",
+    "start": "{method}'s reference is always its starting model (model.name; with LoRA the base "
+    "with the adapters off): remove the 'reference' section",
+}
+
+# One section per method, named after it, of the class its table row gives.
+RunConfig = create_model(
+    "RunConfig",
+    __base__=RunConfigBase,
+    __doc__="A whole run: the shared sections plus one section per method (see alignkit.methods).",
+    **{row.section: (row.knobs, Field(default_factory=row.knobs)) for row in TABLE.values()},
+)
 
 
 # Names users bring from transformers/TRL/peft configs, mapped to ours: spelling distance alone

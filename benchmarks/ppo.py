@@ -80,7 +80,7 @@ def child(layout: str, args) -> dict:
 
     from alignkit.models import load_tokenizer
     from alignkit.rollout.generate import stop_token_ids
-    from alignkit.rollout.prompts import load_prompt_data
+    from alignkit.data.prompts import load_prompt_data
     from alignkit.train.ppo_models import build_ppo_models
     from alignkit.train.ppo_reward import make_reward
     from alignkit.train.ppo_run import PPOState, PromptStream

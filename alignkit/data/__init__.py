@@ -54,6 +54,7 @@ from alignkit.data.preference import (
 )
 from alignkit.data.preference_preflight import preflight_preference
 from alignkit.data.preflight import LengthStats, PreflightReport, preflight_sft, render_report
+from alignkit.data.prompt_preflight import preflight_prompts
 from alignkit.data.templates import (
     NAMED_TEMPLATES,
     Rendered,
@@ -136,4 +137,20 @@ __all__ = [
     "to_pair",
     "to_unpaired",
     "tokenize_pair",
+    "preflight_for",
+    "preflight_prompts",
 ]
+
+# The preflight of each data kind of the method table (alignkit.methods): KTO's unpaired kind
+# reads preference pairs too (split on load).
+PREFLIGHTS = {
+    "sft": preflight_sft,
+    "pairs": preflight_preference,
+    "unpaired": preflight_preference,
+    "prompts": preflight_prompts,
+}
+
+
+def preflight_for(kind: str):
+    """The preflight function of a method-table data kind."""
+    return PREFLIGHTS[kind]

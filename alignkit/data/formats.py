@@ -152,16 +152,16 @@ def _text_of(value: Any, what: str) -> str:
     raise DataError(f"{what} must be a string, got {type(value).__name__}")
 
 
-def _as_turns(value: Any, default_role: str, what: str) -> list[dict[str, str]]:
+def as_turns(value: Any, default_role: str, what: str) -> list[dict[str, str]]:
     """A prompt or completion: a plain string, or itself a list of messages."""
     if isinstance(value, list):
-        return _parse_turns(value)
+        return parse_turns(value)
     return [{"role": default_role, "content": _text_of(value, what)}]
 
 
 def _from_prompt_completion(record: dict[str, Any]) -> list[dict[str, str]]:
-    messages = _as_turns(record["prompt"], "user", "prompt")
-    completion = _as_turns(record["completion"], "assistant", "completion")
+    messages = as_turns(record["prompt"], "user", "prompt")
+    completion = as_turns(record["completion"], "assistant", "completion")
     if not any(m["role"] == "assistant" for m in completion):
         raise DataError("the completion holds no assistant message")
     if isinstance(record.get("system"), str) and messages[0]["role"] != "system":
@@ -170,10 +170,10 @@ def _from_prompt_completion(record: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _from_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    return validate_messages(_parse_turns(record.get("messages", record.get("conversations"))))
+    return validate_messages(parse_turns(record.get("messages", record.get("conversations"))))
 
 
-def _parse_turns(turns: Any) -> list[dict[str, str]]:
+def parse_turns(turns: Any) -> list[dict[str, str]]:
     """role/content turns, unvalidated (a prompt or completion is only part of a conversation)."""
     if not isinstance(turns, list):
         raise DataError(f"'messages' must be a list of turns, got {type(turns).__name__}")

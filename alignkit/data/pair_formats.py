@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from alignkit.data.formats import FORMAT_COLUMNS, _as_turns, check_format_name, validate_messages
+from alignkit.data.formats import FORMAT_COLUMNS, as_turns, check_format_name, validate_messages
 from alignkit.errors import DataError
 
 Message = dict[str, str]
@@ -79,8 +79,8 @@ def to_pair(record: dict[str, Any], fmt: str) -> Pair:
             hint="pairs need chosen and rejected replies: prompt/chosen/rejected or HH transcripts",
         )
     _check_columns(record, fmt, ("chosen", "rejected"))
-    chosen = _as_turns(record["chosen"], "assistant", "chosen")
-    rejected = _as_turns(record["rejected"], "assistant", "rejected")
+    chosen = as_turns(record["chosen"], "assistant", "chosen")
+    rejected = as_turns(record["rejected"], "assistant", "rejected")
     if record.get("prompt") is None:
         if isinstance(record["chosen"], str):
             raise DataError(
@@ -89,7 +89,7 @@ def to_pair(record: dict[str, Any], fmt: str) -> Pair:
                 "whole conversations (their shared beginning is the prompt)",
             )
         return split_implicit(chosen, rejected)
-    prompt = _as_turns(record["prompt"], "user", "prompt")
+    prompt = as_turns(record["prompt"], "user", "prompt")
     if isinstance(record.get("system"), str) and prompt and prompt[0]["role"] != "system":
         prompt.insert(0, {"role": "system", "content": record["system"]})
     return _explicit(prompt, chosen, rejected)
@@ -213,8 +213,8 @@ def to_unpaired(record: dict[str, Any]) -> Unpaired:
             hint="write labels as true/false (desirable/undesirable); strings and numbers are not "
             "guessed at, and CSV cannot hold booleans: convert the file to JSONL or Parquet",
         )
-    prompt = _as_turns(record["prompt"], "user", "prompt")
-    completion = _as_turns(record["completion"], "assistant", "completion")
+    prompt = as_turns(record["prompt"], "user", "prompt")
+    completion = as_turns(record["completion"], "assistant", "completion")
     pair = _checked(Pair(prompt, completion, completion), ("completion", "completion"))
     return Unpaired(pair.prompt, pair.chosen, label)
 

@@ -29,13 +29,13 @@ from alignkit.data.pair_formats import (
     to_pair,
     to_unpaired,
 )
-from alignkit.data.templates import _render, resolve_template
+from alignkit.data.templates import render_messages, resolve_template
 from alignkit.data.tokenize import (
-    _TOKENIZE_CHUNK,
-    _require_fast,
-    _subset,
-    _with_where,
+    TOKENIZE_CHUNK,
     heldout_indices,
+    require_fast,
+    subset,
+    with_where,
 )
 from alignkit.errors import DataError
 
@@ -86,10 +86,10 @@ def render_responses(
     :func:`~alignkit.data.templates.render_conversation`: the model never has to predict it.
     """
     template = resolve_template(tokenizer, chat_template)
-    head = _render(tokenizer, prompt, template, generation_prompt=True)
+    head = render_messages(tokenizer, prompt, template, generation_prompt=True)
     texts = []
     for response in responses:
-        full = _render(tokenizer, prompt + response, template, generation_prompt=False)
+        full = render_messages(tokenizer, prompt + response, template, generation_prompt=False)
         if not full.startswith(head):
             raise DataError(
                 "the chat template is not prefix-stable: the prompt rendered with a generation "
@@ -109,10 +109,10 @@ def encode_responses(rendered: list[RenderedPrompt], tokenizer: Any) -> list[lis
     differ between chosen and rejected; the response text is then tokenized on its own, which
     decodes to the same text and keeps one prompt for both.
     """
-    _require_fast(tokenizer)
+    require_fast(tokenizer)
     out: list[list[list[int]]] = []
-    for start in range(0, len(rendered), _TOKENIZE_CHUNK):
-        chunk = rendered[start : start + _TOKENIZE_CHUNK]
+    for start in range(0, len(rendered), TOKENIZE_CHUNK):
+        chunk = rendered[start : start + TOKENIZE_CHUNK]
         texts = [t for r in chunk for t in (r.prompt, *(r.prompt + x for x in r.responses))]
         ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
         for r in chunk:
@@ -249,7 +249,7 @@ def resolve_pair_format(
         fmt = detect_format(records, cfg.column_map) if cfg.format == "auto" else cfg.format
         check_format_name(fmt)
     except DataError as err:
-        raise _with_where(err, source) from None
+        raise with_where(err, source) from None
     if fmt not in allowed:
         kto = "kto" in allowed
         need = (
@@ -281,7 +281,7 @@ def convert_located(
             stats.dropped_prompt_mismatch += 1
             continue
         except DataError as err:
-            raise _with_where(err, where) from None
+            raise with_where(err, where) from None
         wheres.append(where)
     return items, wheres
 
@@ -299,7 +299,7 @@ def render_rows(
         try:
             rendered.append(render_responses(prompt, responses, tokenizer, chat_template))
         except DataError as err:
-            raise _with_where(err, where) from None
+            raise with_where(err, where) from None
     return encode_responses(rendered, tokenizer)
 
 
@@ -358,8 +358,8 @@ def read_split(
         eval_fmt = resolve_pair_format(eval_located.records, cfg, source=cfg.eval, allowed=allowed)
         return located, fmt, eval_located, eval_fmt
     held = set(heldout_indices(len(located), cfg, seed))
-    train = _subset(located, [i for i in range(len(located)) if i not in held])
-    return train, fmt, _subset(located, sorted(held)), fmt
+    train = subset(located, [i for i in range(len(located)) if i not in held])
+    return train, fmt, subset(located, sorted(held)), fmt
 
 
 def load_preference_data(

@@ -27,11 +27,11 @@ from alignkit.data.preference import (
     resolve_pair_format,
 )
 from alignkit.data.preflight import (
-    _MAX_LISTED_ERRORS,
+    MAX_LISTED_ERRORS,
     LengthStats,
     PreflightReport,
-    _named_format,
-    _special_ids,
+    named_format,
+    special_ids,
 )
 from alignkit.data.tokenize import suggest_max_length
 from alignkit.errors import DataError
@@ -52,7 +52,7 @@ def preflight_preference(
             located.records, cfg, source=cfg.train, allowed=PREFERENCE_FORMATS
         )
     except DataError as err:
-        report.format = _named_format(located.records, cfg)
+        report.format = named_format(located.records, cfg)
         report.problems.append(f"{err.message} ({err.hint})" if err.hint else err.message)
         return report
     pairs, rendered, wheres = [], [], []
@@ -90,8 +90,8 @@ def preflight_preference(
 
 def _report_conversion(report: PreflightReport, errors: list[str]) -> None:
     if errors:
-        listed = "; ".join(errors[:_MAX_LISTED_ERRORS])
-        more = len(errors) - _MAX_LISTED_ERRORS
+        listed = "; ".join(errors[:MAX_LISTED_ERRORS])
+        more = len(errors) - MAX_LISTED_ERRORS
         report.problems.append(
             f"{len(errors)} rows cannot be converted (training stops at the first): {listed}"
             + (f"; and {more} more" if more > 0 else "")
@@ -206,8 +206,8 @@ def _check_end_of_turn(report: PreflightReport, ids: list[list[list[int]]], toke
         return
     eot_id, _ = ends.most_common(1)[0]
     report.eot_token = tokenizer.convert_ids_to_tokens(eot_id)
-    report.eot_in_loss = eot_id in _special_ids(tokenizer) and report.stats.kept > 0
-    if eot_id not in _special_ids(tokenizer):
+    report.eot_in_loss = eot_id in special_ids(tokenizer) and report.stats.kept > 0
+    if eot_id not in special_ids(tokenizer):
         report.problems.append(
             f"responses end with '{report.eot_token}', not an end-of-turn token: the preference "
             "never covers stopping; set model.chat_template to one that fits the tokenizer"

@@ -30,7 +30,7 @@ from alignkit.data.tokenize import (
 )
 from alignkit.errors import DataError
 
-_MAX_LISTED_ERRORS = 5
+MAX_LISTED_ERRORS = 5
 
 
 @dataclass
@@ -150,7 +150,7 @@ def preflight_sft(
     try:
         report.format = resolve_format(located.records, cfg, source=cfg.train)
     except DataError as err:
-        report.format = _named_format(located.records, cfg)
+        report.format = named_format(located.records, cfg)
         report.problems.append(f"{err.message} ({err.hint})" if err.hint else err.message)
         return report
     rows = _convert_all(
@@ -158,8 +158,8 @@ def preflight_sft(
     )
     report.valid_rows = len(rows.rendered)
     if rows.errors:
-        listed = "; ".join(rows.errors[:_MAX_LISTED_ERRORS])
-        more = len(rows.errors) - _MAX_LISTED_ERRORS
+        listed = "; ".join(rows.errors[:MAX_LISTED_ERRORS])
+        more = len(rows.errors) - MAX_LISTED_ERRORS
         report.problems.append(
             f"{len(rows.errors)} rows cannot be converted (training stops at the first): {listed}"
             + (f"; and {more} more" if more > 0 else "")
@@ -178,7 +178,7 @@ def preflight_sft(
     return report
 
 
-def _named_format(records: list[dict], cfg: DataConfig) -> str:
+def named_format(records: list[dict], cfg: DataConfig) -> str:
     if cfg.format != "auto":
         return cfg.format
     try:
@@ -278,7 +278,7 @@ def _empty_target(conv: Any) -> bool:
     return any(m["role"] == "assistant" and not m["content"].strip() for m in conv)
 
 
-def _special_ids(tokenizer: Any) -> set[int]:
+def special_ids(tokenizer: Any) -> set[int]:
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     ids.update(i for i, tok in decoder.items() if getattr(tok, "special", False))
@@ -295,7 +295,7 @@ def _check_end_of_turn(
         return
     eot_id, _ = ends.most_common(1)[0]
     report.eot_token = tokenizer.convert_ids_to_tokens(eot_id)
-    specials = _special_ids(tokenizer)
+    specials = special_ids(tokenizer)
     policy = "drop" if cfg.truncation == "error" else cfg.truncation
     fitted = [fit_to_length(e, cfg.max_length, policy).example for e in encoded]
     kept_with_eot = sum(1 for f in fitted if f is not None and eot_id in f.labels)
@@ -358,6 +358,23 @@ def _check_eval(report: PreflightReport, cfg: DataConfig) -> None:
     report.eval_rows = len(located)
 
 
+def _prompt_rows(report: PreflightReport) -> list[tuple[str, str]]:
+    """The summary table of a prompt report (see `render_report`)."""
+    s = report.stats
+    budget = "none" if report.prompt_budget is None else f"{report.prompt_budget} tokens"
+    return [
+        ("source", report.source),
+        ("format", report.format),
+        ("rows read / usable prompts", f"{report.rows} / {report.valid_rows}"),
+        ("prompt budget (max_length - max_new_tokens)", budget),
+        ("kept for training", str(s.kept)),
+        (f"truncation={report.truncation}", f"{s.dropped_too_long} dropped, {s.truncated} cut"),
+        ("prompts differ (pairs dropped)", str(report.prompt_mismatch)),
+        ("duplicate prompts", str(report.duplicates)),
+        ("empty prompts", str(report.empty_prompts)),
+    ]
+
+
 def render_report(report: PreflightReport, console: Any) -> None:
     """Print the report with rich: summary, token lengths, the example with its mask, findings."""
     from rich.table import Table
@@ -369,9 +386,7 @@ def render_report(report: PreflightReport, console: Any) -> None:
     summary.add_column("", style="bold")
     summary.add_column("")
     if report.kind == "prompts":
-        from alignkit.data.prompt_preflight import prompt_rows  # that module imports this one
-
-        rows = prompt_rows(report)
+        rows = _prompt_rows(report)
     else:
         rows = _preference_rows(report) if preference else _sft_rows(report)
     rows += [("eval rows", str(report.eval_rows))] if report.eval_rows is not None else []

@@ -1,7 +1,7 @@
 """Preflight for PPO prompts: what rollouts would be generated from, before any compute.
 
 `preflight_prompts` reads, column-maps, renders (with the generation prompt) and tokenizes the
-prompts exactly as :func:`~alignkit.rollout.prompts.load_prompt_data` does, and reports instead
+prompts exactly as :func:`~alignkit.data.prompts.load_prompt_data` does, and reports instead
 of raising. A prompt must leave room for the response: its budget is `data.max_length` minus
 `ppo.max_new_tokens`, and `data.truncation` drops longer prompts, cuts their left side, or stops.
 `problems` are what would stop training or leave it nothing to generate from (no usable prompt,
@@ -21,21 +21,21 @@ from alignkit.data.formats import apply_column_map, check_format_name, detect_fo
 from alignkit.data.io import LocatedRecords, read_located
 from alignkit.data.pair_formats import PromptMismatch
 from alignkit.data.preflight import (
-    _MAX_LISTED_ERRORS,
+    MAX_LISTED_ERRORS,
     LengthStats,
     PreflightReport,
-    _named_format,
+    named_format,
 )
-from alignkit.data.templates import _render, resolve_template
-from alignkit.data.tokenize import suggest_max_length
-from alignkit.errors import ConfigError, DataError
-from alignkit.rollout.prompts import (
+from alignkit.data.prompts import (
     PROMPT_FORMATS,
     PromptStats,
     fit_prompt_ids,
     prompt_budget,
     prompt_messages,
 )
+from alignkit.data.templates import render_messages, resolve_template
+from alignkit.data.tokenize import suggest_max_length
+from alignkit.errors import ConfigError, DataError
 
 Message = dict[str, str]
 DEFAULT_MAX_NEW_TOKENS = PPOConfig.model_fields["max_new_tokens"].default
@@ -59,7 +59,7 @@ def preflight_prompts(
     try:
         report.format = _prompt_format(located.records, cfg)
     except DataError as err:
-        report.format = _named_format(located.records, cfg)
+        report.format = named_format(located.records, cfg)
         report.problems.append(f"{err.message} ({err.hint})" if err.hint else err.message)
         return report
     try:
@@ -118,7 +118,7 @@ def _render_all(
             conv = prompt_messages(apply_column_map(record, cfg.column_map), report.format)
             if system_prompt and conv[0]["role"] != "system":
                 conv = [{"role": "system", "content": system_prompt}, *conv]
-            text = _render(tokenizer, conv, template, generation_prompt=True)
+            text = render_messages(tokenizer, conv, template, generation_prompt=True)
         except PromptMismatch:
             stats.dropped_prompt_mismatch += 1
             continue
@@ -131,8 +131,8 @@ def _render_all(
     report.stats = stats
     report.prompt_mismatch = stats.dropped_prompt_mismatch
     if errors:
-        listed = "; ".join(errors[:_MAX_LISTED_ERRORS])
-        more = len(errors) - _MAX_LISTED_ERRORS
+        listed = "; ".join(errors[:MAX_LISTED_ERRORS])
+        more = len(errors) - MAX_LISTED_ERRORS
         report.problems.append(
             f"{len(errors)} rows hold no usable prompt (training stops at the first): {listed}"
             + (f"; and {more} more" if more > 0 else "")
@@ -226,20 +226,3 @@ def _check_eval(report: PreflightReport, cfg: DataConfig) -> None:
         report.problems.append(f"eval data: {err}")
         return
     report.eval_rows = len(located)
-
-
-def prompt_rows(report: PreflightReport) -> list[tuple[str, str]]:
-    """The summary table of a prompt report (see :func:`~alignkit.data.render_report`)."""
-    s = report.stats
-    budget = "none" if report.prompt_budget is None else f"{report.prompt_budget} tokens"
-    return [
-        ("source", report.source),
-        ("format", report.format),
-        ("rows read / usable prompts", f"{report.rows} / {report.valid_rows}"),
-        ("prompt budget (max_length - max_new_tokens)", budget),
-        ("kept for training", str(s.kept)),
-        (f"truncation={report.truncation}", f"{s.dropped_too_long} dropped, {s.truncated} cut"),
-        ("prompts differ (pairs dropped)", str(report.prompt_mismatch)),
-        ("duplicate prompts", str(report.duplicates)),
-        ("empty prompts", str(report.empty_prompts)),
-    ]

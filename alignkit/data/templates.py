@@ -79,7 +79,7 @@ def resolve_template(tokenizer: Any, chat_template: str | None = None) -> str:
     return own if isinstance(own, str) and own else NAMED_TEMPLATES["chatml"]
 
 
-def _render(
+def render_messages(
     tokenizer: Any, messages: list[dict[str, str]], template: str, generation_prompt: bool
 ) -> str:
     try:
@@ -109,13 +109,13 @@ def render_conversation(
     turn's prompt supplies it).
     """
     template = resolve_template(tokenizer, chat_template)
-    text = _render(tokenizer, messages, template, generation_prompt=False)
+    text = render_messages(tokenizer, messages, template, generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:i], template, generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], template, generation_prompt=False)
+        prefix = render_messages(tokenizer, messages[:i], template, generation_prompt=True)
+        upto = render_messages(tokenizer, messages[: i + 1], template, generation_prompt=False)
         if not (upto.startswith(prefix) and text.startswith(upto)):
             raise DataError(
                 f"the chat template is not prefix-stable at message {i}: rendering the "

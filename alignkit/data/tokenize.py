@@ -26,7 +26,7 @@ from alignkit.data.templates import Rendered, render_conversation, render_text
 from alignkit.errors import DataError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
-_TOKENIZE_CHUNK = 512  # rows per call to the fast tokenizer (it batches in Rust)
+TOKENIZE_CHUNK = 512  # rows per call to the fast tokenizer (it batches in Rust)
 
 Outcome = Literal["kept", "truncated", "too_long", "no_target"]
 
@@ -96,7 +96,7 @@ class SFTData:
     eval_stats: TokenStats = field(default_factory=TokenStats)
 
 
-def _require_fast(tokenizer: Any) -> None:
+def require_fast(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(
             "label masks need a fast tokenizer (character offsets); this one is slow",
@@ -108,10 +108,10 @@ def encode_rendered(
     rendered: list[Rendered], tokenizer: Any, *, completion_only: bool = True
 ) -> list[Encoded]:
     """Tokenize rendered rows (no special tokens added: the template already has them)."""
-    _require_fast(tokenizer)
+    require_fast(tokenizer)
     out: list[Encoded] = []
-    for start in range(0, len(rendered), _TOKENIZE_CHUNK):
-        chunk = rendered[start : start + _TOKENIZE_CHUNK]
+    for start in range(0, len(rendered), TOKENIZE_CHUNK):
+        chunk = rendered[start : start + TOKENIZE_CHUNK]
         enc = tokenizer(
             [r.text for r in chunk], add_special_tokens=False, return_offsets_mapping=True
         )
@@ -206,7 +206,7 @@ def tokenize_sft(
     return fit_to_length(enc, max_length, truncation, where=where).example
 
 
-def _with_where(err: DataError, where: str) -> DataError:
+def with_where(err: DataError, where: str) -> DataError:
     return DataError(err.message, where=err.where or where, hint=err.hint)
 
 
@@ -220,7 +220,7 @@ def convert_rows(
             conv = to_messages(apply_column_map(record, cfg.column_map), fmt)
             out.append(render_row(conv, tokenizer, chat_template))
         except DataError as err:
-            raise _with_where(err, where) from None
+            raise with_where(err, where) from None
     return out
 
 
@@ -230,7 +230,7 @@ def resolve_format(records: list[dict], cfg: DataConfig, *, source: str) -> str:
         fmt = detect_format(records, cfg.column_map) if cfg.format == "auto" else cfg.format
         check_format_name(fmt)
     except DataError as err:
-        raise _with_where(err, source) from None
+        raise with_where(err, source) from None
     if fmt not in SFT_FORMATS:
         mapping = {
             "preference": "to train on the chosen replies, map them: data.column_map "
@@ -265,7 +265,7 @@ def heldout_indices(n: int, cfg: DataConfig, seed: int) -> list[int]:
     return sorted(order[:k])
 
 
-def _subset(located: LocatedRecords, keep: list[int]) -> LocatedRecords:
+def subset(located: LocatedRecords, keep: list[int]) -> LocatedRecords:
     return LocatedRecords([located.records[i] for i in keep], [located.locations[i] for i in keep])
 
 
@@ -309,8 +309,8 @@ def load_sft_data(
     else:
         held = heldout_indices(len(located), cfg, seed)
         held_set = set(held)
-        eval_located = _subset(located, held)
-        train_located = _subset(located, [i for i in range(len(located)) if i not in held_set])
+        eval_located = subset(located, held)
+        train_located = subset(located, [i for i in range(len(located)) if i not in held_set])
         eval_fmt = fmt
     train, stats, encoded = build_examples(train_located, fmt, cfg, tokenizer, chat_template)
     if not train:

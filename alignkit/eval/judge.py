@@ -12,13 +12,10 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
 
 from alignkit.errors import AlignkitError
-
-if TYPE_CHECKING:
-    from alignkit.eval.winrate import WinRate
 
 Verdict = Literal["first", "second", "tie"] | None
 
@@ -50,11 +47,13 @@ class Judge(Protocol):
 class JudgeUnavailable(AlignkitError):
     """The judge endpoint stayed unreachable or refused to work.
 
-    ``partial`` holds the :class:`~alignkit.eval.winrate.WinRate` of the prompts judged before
-    the failure (set by ``win_rate``; None when raised by a judge on its own).
+    ``partial`` holds the win rate (``alignkit.eval.winrate.WinRate``) of the prompts judged
+    before the failure, set by ``win_rate`` as the error passes through it; None when raised by a
+    judge on its own. Typed loosely so that this module, which win rates build on, does not
+    import theirs.
     """
 
-    def __init__(self, message: str, *, hint: str | None = None, partial: WinRate | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, partial: Any = None):
         super().__init__(message, hint=hint)
         self.partial = partial
 

@@ -40,7 +40,7 @@ class RunInfo:
 
 def read_run_dir(path: str) -> RunInfo | None:
     """RunInfo for a run directory (config.yaml beside final/), None for anything else."""
-    from alignkit.config import REFERENCE_FREE
+    from alignkit.methods import TABLE
 
     p = Path(path)
     if not (p.is_dir() and (p / "config.yaml").is_file()):
@@ -58,8 +58,10 @@ def read_run_dir(path: str) -> RunInfo | None:
     method = cfg.get("method")
     section = cfg.get(method) if isinstance(method, str) else None
     beta = section.get("beta") if isinstance(section, dict) else None
-    # SimPO's beta scales a per-token reward with no reference: not the implicit reward's beta
-    if method in REFERENCE_FREE or not isinstance(beta, int | float):
+    # Only a reference-based loss's beta is the implicit reward's (SimPO's scales a per-token
+    # reward with no reference)
+    row = TABLE.get(method) if isinstance(method, str) else None
+    if row is None or row.reference != "required" or not isinstance(beta, int | float):
         beta = None
     model = cfg.get("model") or {}
     start = model.get("name")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from alignkit.data.pair_batching import collate_packed_pairs
 from alignkit.data.preference import PairExample
 from alignkit.train.forward import LogpsModel
-from alignkit.train.preference import segment_logps
+from alignkit.train.method import segment_logps
 from alignkit.train.reference import adapter_disabled
 
 

@@ -1,4 +1,5 @@
-"""Paired preference losses: DPO and its family (cDPO, IPO, hinge/SLiC, robust DPO), SimPO, ORPO.
+"""Paired preference losses: DPO and its family (cDPO, IPO, hinge/SLiC, robust DPO, APO-zero),
+SimPO, ORPO.
 
 Every loss takes one `PairLogps` (all fields (B,) fp32) and returns a `LossOutput` whose
 `losses` are per-pair (B,); the trainer averages them over the pairs of the whole accumulated
@@ -203,25 +204,45 @@ def orpo(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     return LossOutput(losses, metrics)
 
 
-PREFERENCE_LOSSES: dict[str, Callable[..., LossOutput]] = {
-    "dpo": dpo,
-    "ipo": ipo,
-    "hinge": hinge,
-    "robust_dpo": robust_dpo,
-    "simpo": simpo,
-    "orpo": orpo,
-}
+def apo_zero(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
+    """APO-zero: push the chosen response's likelihood up and the rejected one's down, each on
+    its own, instead of only their difference.
 
-_REFERENCE_FREE = frozenset({"simpo", "orpo"})
-_KNOWN = frozenset(PREFERENCE_LOSSES) | {"kto"}  # kto lives in losses/kto.py; it needs one too
-
-
-def needs_reference(name: str) -> bool:
-    """Whether method `name` needs reference log-probs: False for simpo and orpo only.
-
-    A name that is neither a PREFERENCE_LOSSES key nor "kto" is a KeyError, so a typo is never
-    read as "reference-free".
+    D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions",
+    Eq. 8: L = (1 - sigmoid(beta * log pi/pi_ref(y_w))) + sigmoid(beta * log pi/pi_ref(y_l)).
+    For chosen responses better than what the model writes now: DPO can satisfy its margin by
+    lowering both likelihoods, APO-zero cannot lower the chosen one without cost. At
+    policy == reference every pair's loss is 1 - 1/2 + 1/2 = 1.
     """
-    if name not in _KNOWN:
-        raise KeyError(f"unknown preference method {name!r}; known: {sorted(_KNOWN)}")
-    return name not in _REFERENCE_FREE
+    chosen_lr, rejected_lr = _logratios(lp)
+    losses = (1 - torch.sigmoid(beta * chosen_lr)) + torch.sigmoid(beta * rejected_lr)  # (B,)
+    return LossOutput(losses, _dpo_metrics(chosen_lr, rejected_lr, lp, beta))
+
+
+def loss_for(method: str) -> Callable[..., LossOutput]:
+    """The pair loss of `method`, from its row in the method table (alignkit.methods)."""
+    from alignkit.methods import spec
+
+    row = spec(method)
+    if row.loss is None or row.name not in PREFERENCE_LOSSES:
+        raise KeyError(f"{method!r} has no pair loss; pair methods: {sorted(PREFERENCE_LOSSES)}")
+    return PREFERENCE_LOSSES[row.name]
+
+
+def needs_reference(method: str) -> bool:
+    """Whether `method` needs reference log-probs (its table row says "required")."""
+    from alignkit.methods import TABLE
+
+    if method not in TABLE:
+        raise KeyError(f"unknown method {method!r}; known: {sorted(TABLE)}")
+    return TABLE[method].reference == "required"
+
+
+def _pair_losses() -> dict[str, Callable[..., LossOutput]]:
+    """Method name -> loss function, for every table row that names a pair loss."""
+    from alignkit.methods import TABLE
+
+    return {row.name: globals()[row.loss] for row in TABLE.values() if row.loss is not None}
+
+
+PREFERENCE_LOSSES: dict[str, Callable[..., LossOutput]] = _pair_losses()

@@ -15,14 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from alignkit import methods
+from alignkit.methods import with_health
+
 LN2 = math.log(2.0)
-# Sigmoid-loss methods whose loss is exactly ln 2 while chosen and rejected rewards are equal
+# Which methods a method-specific rule watches comes from the method table's health tags:
+# Sigmoid-loss methods, whose loss is exactly ln 2 while chosen and rejected rewards are equal
 # (DPO, -log sigmoid(0); robust DPO's de-biased form gives ln 2 at zero margin as well).
-STUCK_LOSS = {"dpo": LN2, "robust_dpo": LN2}
+STUCK_LOSS = with_health(methods.SIGMOID_LOSS)
 # Methods whose rewards are the policy's own log-probs (against a reference, or length-normalised):
 # there a falling chosen reward means the chosen answers became less likely. A reward model's
 # scores have no fixed level (Bradley-Terry sees differences only), so the rule is not for it.
-POLICY_REWARDS = frozenset({"dpo", "ipo", "hinge", "robust_dpo", "simpo", "orpo", "kto"})
+POLICY_REWARDS = with_health(methods.POLICY_REWARDS)
 DEFAULT_KL_TARGET = 6.0  # the adaptive KL controller's usual target (Ziegler et al. 2019)
 
 
@@ -226,7 +230,7 @@ def eval_divergence(v: View) -> Check:
 
 def loss_stuck(v: View) -> Check:
     s, w = v.series.get("loss"), v.window
-    stuck = STUCK_LOSS.get(v.method)
+    stuck = LN2 if v.method in STUCK_LOSS else None
     if stuck is None or s is None or len(s) < w or v.progress < 0.2:
         return WAIT
     now = mean(s.tail(w))
@@ -347,7 +351,7 @@ RULES: tuple[Rule, ...] = (
         "check the chat template and data.completion_only: the assistant turns must be found "
         "and unmasked (`alignkit data check` shows the label mask)",
         labels_masked,
-        frozenset({"sft"}),
+        with_health(methods.SFT_LABELS),
         once=False,
     ),
     Rule(
@@ -360,7 +364,7 @@ RULES: tuple[Rule, ...] = (
         "raise train.lr (LoRA usually needs 1e-5 to 1e-4), check that trainable parameters "
         "exist and that the reference is not the live policy",
         loss_stuck,
-        frozenset(STUCK_LOSS),
+        STUCK_LOSS,
     ),
     Rule(
         "accuracy_saturated_early",

@@ -45,10 +45,11 @@ from alignkit.data.preference import KTOExample
 from alignkit.losses import KTOLogps, kto, kto_kl_estimate
 from alignkit.ops.packed_attention import KVStore
 from alignkit.train.forward import LogpsModel
-from alignkit.train.loop import StepOutput
-from alignkit.train.preference import (
-    TARGET_KEYS,
+from alignkit.train.method import (
     Indexed,
+    MethodSetup,
+    StepOutput,
+    WithReference,
     count_examples,
     segment_logps,
     tag_batch,
@@ -112,12 +113,12 @@ def global_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor
     return (total[0] / total[1]).clamp(min=0)
 
 
-ROW_KEYS = (
-    "input_ids", "attention_mask", "labels", "position_ids", "spans", "prefix", *TARGET_KEYS
-)  # fmt: skip
-KL_PREFIX = "kl_"  # batch keys of the mismatched rows: kl_input_ids, kl_attention_mask, ...
-CONT_PREFIX = "klc_"  # packed only: the mismatched completions, continuing the matched prompts
-REF_PREFIX = "ref_"  # packed only: [prompt, completion, mismatched completion] blocks
+# A KTO batch holds named groups of collated rows, each a dict of row tensors (input_ids,
+# attention_mask, position_ids, targets, spans ...):
+ROWS = "rows"  # prompt + completion: the training forward
+MISMATCHED = "mismatched"  # prompt + mismatched completion: the KL estimate's rows
+CONTINUED = "continued"  # packed only: the mismatched completions, continuing the kept prompts
+SHARED = "shared"  # packed only: [prompt, completion, mismatched completion] blocks (reference)
 
 
 def prompt_groups(items: list[KTOItem], mismatched: bool) -> tuple[list[SharedGroup], list[int]]:
@@ -153,71 +154,67 @@ def by_prompt(items: list[Indexed], batch_size: int) -> list[list[int]]:
     return batches + ([current] if current else [])
 
 
-def rows_view(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The row tensors (ids, mask, labels, positions, targets) stored under `prefix`, unprefixed."""
-    n = len(prefix)
-    return {k[n:]: v for k, v in batch.items() if k.startswith(prefix) and k[n:] in ROW_KEYS}
-
-
-def kto_ref_logps(module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """(2B,) log-probs of the matched rows, then of the mismatched rows, under `module`."""
-    b = len(batch["index"])
-    if REF_PREFIX + "input_ids" in batch:  # one forward, each prompt once: segments i and B + i
-        return segment_logps(module, rows_view(batch, REF_PREFIX), 2 * b)[0]
-    matched, _ = segment_logps(module, rows_view(batch), b)
-    mismatched, _ = segment_logps(module, rows_view(batch, KL_PREFIX), b)
-    return torch.cat([matched, mismatched])
-
-
-class KTOMethod:
+class KTOMethod(WithReference):
     """KTO loss per example; the normalisation unit is the example."""
 
     def __init__(self, params: dict, pad_id: int, max_length: int, packed: bool = True):
         self.params, self.pad_id, self.max_length = params, pad_id, max_length
         self.packed = packed
-        self.reference = None  # set by attach_reference
 
     def collate(self, items: list[Indexed]) -> dict[str, Any]:
-        """Rows of prompt + completion, and under `kl_` keys the rows of prompt + mismatched
-        completion: each kind packed into one row (plus the continuation of the matched prompts,
-        `klc_`, and the reference's `ref_` blocks), or (B, T) padded rows in parity mode."""
+        """The named row groups of a batch: ROWS (prompt + completion) and MISMATCHED (prompt +
+        mismatched completion), each packed into one row, plus CONTINUED and SHARED; or
+        (B, T) padded ROWS and MISMATCHED in parity mode."""
         kto_items: list[KTOItem] = [it.example for it in items]
         matched = [(k.example.prompt_ids, k.example.completion_ids) for k in kto_items]
         if self.packed:  # a prompt shared by several examples of the batch is run once
             groups, group_of = prompt_groups(kto_items, mismatched=False)
-            batch = collate_packed_shared(groups, self.pad_id)
+            rows = collate_packed_shared(groups, self.pad_id)
             kl_rows = [(k.example.prompt_ids, k.kl_completion_ids) for k in kto_items]
             kl = collate_packed_rows(kl_rows, self.pad_id)
-            starts = batch["spans"][:, 0].tolist()  # where each group's prompt begins
+            starts = rows["spans"][:, 0].tolist()  # where each group's prompt begins
             cont = collate_packed_continuations(kl_rows, [starts[g] for g in group_of], self.pad_id)
             ref = collate_packed_shared(prompt_groups(kto_items, mismatched=True)[0], self.pad_id)
-            batch.update({CONT_PREFIX + k: v for k, v in cont.items()})
-            batch.update({REF_PREFIX + k: v for k, v in ref.items()})
+            batch = {ROWS: rows, MISMATCHED: kl, CONTINUED: cont, SHARED: ref}
         else:
-            batch = collate_rows(matched, self.pad_id)
             kl_rows = [
                 fit_kl_row(k.example.prompt_ids, k.kl_completion_ids, self.max_length)
                 for k in kto_items
             ]
-            kl = collate_rows(kl_rows, self.pad_id)
-        batch.update({KL_PREFIX + k: v for k, v in kl.items()})
+            batch = {
+                ROWS: collate_rows(matched, self.pad_id),
+                MISMATCHED: collate_rows(kl_rows, self.pad_id),
+            }
         batch["desirable"] = torch.tensor([k.example.desirable for k in kto_items])
         return tag_batch(batch, items)
 
     units = staticmethod(count_examples)
 
+    def ref_logps(self, module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """(2B,) log-probs of the matched rows, then of the mismatched rows, under `module`."""
+        b = len(batch["index"])
+        if SHARED in batch:  # one forward, each prompt once: segments i and B + i
+            return segment_logps(module, batch[SHARED], 2 * b)[0]
+        matched, _ = segment_logps(module, batch[ROWS], b)
+        mismatched, _ = segment_logps(module, batch[MISMATCHED], b)
+        return torch.cat([matched, mismatched])
+
+    def ref_order(self, items: list[Indexed], batch_size: int) -> list[list[int]] | None:
+        # packed: examples sharing a prompt together, so the reference runs each prompt once
+        return by_prompt(items, batch_size) if self.packed else None
+
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         b = len(batch["index"])
         kept = KVStore()  # the matched row's keys and values, when its attention is per span
-        logps, _ = segment_logps(model, rows_view(batch), b, kv_out=kept)  # (B,)
+        logps, _ = segment_logps(model, batch[ROWS], b, kv_out=kept)  # (B,)
         # z0 is a constant of the loss (no gradient through it), as in the paper.
         with torch.no_grad():
-            if kept and CONT_PREFIX + "input_ids" in batch:  # each prompt is not run again
-                kl_logps, _ = segment_logps(model, rows_view(batch, CONT_PREFIX), b, kv_in=kept)
+            if kept and CONTINUED in batch:  # each prompt is not run again
+                kl_logps, _ = segment_logps(model, batch[CONTINUED], b, kv_in=kept)
             else:
-                kl_logps, _ = segment_logps(model, rows_view(batch, KL_PREFIX), b)  # (B,)
+                kl_logps, _ = segment_logps(model, batch[MISMATCHED], b)  # (B,)
         kept.clear()
-        ref = self.reference(batch)  # (2B,) matched rows, then mismatched
+        ref = self.require_reference(batch)  # (2B,) matched rows, then mismatched
         if model.training and _world_size() > 1:
             kl = global_kl_estimate(kl_logps, ref[b:])
         else:
@@ -236,7 +233,7 @@ class KTOMethod:
             "logps/rejected": torch.where(m["count/rejected"] > 0, m["logps/rejected_sum"], nan),
             "kl": m["kl"],
         }
-        return StepOutput(out.losses.sum(), metrics, token_count(batch))
+        return StepOutput(out.losses.sum(), metrics, token_count(batch[ROWS]))
 
     @staticmethod
     def finalize_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -249,9 +246,8 @@ def kto_lengths(items: list[KTOItem]) -> list[int]:
     return [len(k.example.prompt_ids) + len(k.example.completion_ids) for k in items]
 
 
-def build_kto_method(cfg: RunConfig, tokenizer) -> Any:
+def build_kto_method(cfg: RunConfig, tokenizer) -> MethodSetup:
     from alignkit.data.preference import load_kto_data
-    from alignkit.train.methods import MethodSetup
 
     data = load_kto_data(cfg.data, tokenizer, seed=cfg.train.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -281,8 +277,5 @@ def build_kto_method(cfg: RunConfig, tokenizer) -> Any:
             if grouped
             else ("by length" if cfg.train.group_by_length else "shuffled"),
         },
-        needs_reference=True,
-        ref_logps=kto_ref_logps,
-        ref_order=None if cfg.train.parity else by_prompt,
         prompt_groups=prompt_group_ids(data.train) if grouped else None,
     )

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,23 +35,8 @@ from alignkit.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from alignkit.train.method import Method, StepOutput, to_device
 from alignkit.train.stream import MicroBatchStream, total_steps
-
-
-class StepOutput(NamedTuple):
-    loss_sum: Tensor  # scalar: sum of per-example loss terms in this micro-batch (with grad)
-    metrics: dict[str, Tensor]  # name -> (B,) detached per-example values, averaged per step
-    tokens: int  # non-padding tokens processed, for throughput
-
-
-class Method(Protocol):
-    """What a training method supplies to the loop."""
-
-    def collate(self, examples: list[Any]) -> dict[str, Tensor]: ...
-
-    def units(self, batch: dict[str, Tensor]) -> float: ...
-
-    def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput: ...
 
 
 class Interrupted(AlignkitError):
@@ -119,8 +104,7 @@ class MetricSums:
             rows = accelerator.gather(pair[None])  # (world, 2): each process's extreme, count
             if rows[:, 1].sum() > 0:
                 out[name] = how[0](rows[:, 0]).item()
-        finalize = getattr(method, "finalize_metrics", None)
-        return finalize(out) if finalize else out
+        return method.finalize_metrics(out) if method is not None else out
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -207,7 +191,7 @@ class Trainer:
     def _batch(self, micro_index: int) -> dict[str, Tensor]:
         idx = self.stream.indices(micro_index, self.acc.process_index)
         batch = self.method.collate([self.train_set[i] for i in idx])
-        return {k: v.to(self.acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        return to_device(batch, self.acc.device)
 
     def _unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.prepared)
@@ -256,9 +240,7 @@ class Trainer:
         mine = self.eval_set[rank::world]
         for s in range(0, len(mine), bs):
             batch = self.method.collate(mine[s : s + bs])
-            batch = {
-                k: v.to(self.acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()
-            }
+            batch = to_device(batch, self.acc.device)
             out = self.method.step(self.prepared, batch)
             loss_sum += out.loss_sum.detach().float()
             units += self.method.units(batch)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignkit.data.prompts import PromptExample
 from alignkit.errors import AlignkitError, ConfigError, ModelError
-from alignkit.rollout.prompts import PromptExample
 
 RewardFn = Callable[[list[str], list[str], list[dict]], Sequence[float]]
 

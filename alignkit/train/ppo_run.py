@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from alignkit.config import RunConfig
+from alignkit.data.prompts import PromptExample
 from alignkit.errors import AlignkitError, ConfigError
-from alignkit.rollout.prompts import PromptExample
 from alignkit.rollout.sampling import decode_responses, sample_responses
 from alignkit.train.ppo import Optim, make_experience, ppo_updates, updates_per_step
 from alignkit.train.ppo_models import PPOModels
@@ -145,9 +145,9 @@ def run_ppo(cfg: RunConfig, *, log=print) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from alignkit.data.prompts import load_prompt_data
     from alignkit.models import load_tokenizer
     from alignkit.rollout.generate import stop_token_ids
-    from alignkit.rollout.prompts import load_prompt_data
     from alignkit.train.ppo_models import build_ppo_models
     from alignkit.train.ppo_reward import make_reward
     from alignkit.train.run import mixed_precision, prepare_run_dir, sigterm_as_interrupt

@@ -1,4 +1,4 @@
-"""Paired preference optimization: DPO, IPO, hinge, robust DPO, SimPO, ORPO.
+"""Paired preference optimization: every method-table row with a pair loss (DPO and family).
 
 A micro-batch is B pairs; its normalisation unit is the pair, so the loss of a step is the mean
 over the pairs of the whole accumulated global batch. The policy's log-probs come from one forward
@@ -9,85 +9,35 @@ reference's come from the source `alignkit.train.reference` picked.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from alignkit.config import RunConfig
 from alignkit.data.pair_batching import collate_packed_pairs, collate_pairs, token_count
 from alignkit.data.preference import PairExample
-from alignkit.losses import PREFERENCE_LOSSES, PairLogps, needs_reference
+from alignkit.losses import PairLogps, loss_for, needs_reference
 from alignkit.train.forward import LogpsModel
-from alignkit.train.loop import StepOutput
-
-TARGET_KEYS = ("pred_rows", "pred_cols", "target_ids", "segment")
-
-
-class Indexed(NamedTuple):
-    """A training or eval example with its position, to find its cached reference log-probs."""
-
-    split: str  # "train" | "eval"
-    index: int
-    example: Any
-
-
-def tag_batch(batch: dict[str, Any], items: list[Indexed]) -> dict[str, Any]:
-    """Mark a collated batch with where its examples come from (for cached references)."""
-    batch["split"] = items[0].split
-    batch["index"] = torch.tensor([it.index for it in items])
-    return batch
+from alignkit.train.method import (
+    Indexed,
+    MethodSetup,
+    StepOutput,
+    WithReference,
+    count_examples,
+    same_metrics,
+    segment_logps,
+    tag_batch,
+)
 
 
-def count_examples(batch: dict[str, Any]) -> float:
-    """Normalisation unit of the pair and KTO methods: the example."""
-    return float(len(batch["index"]))
+class PairMethod(WithReference):
+    """One pair loss (the method table's `loss` of the method), over pairs; reference-free
+    losses never read the reference slot."""
 
-
-def segment_logps(model: nn.Module, batch: dict[str, Tensor], num_segments: int, **kv):
-    """(S,) per-response summed log-probs and token counts from explicit targets; a packed
-    batch's spans (and a continuation's prefix columns) go along, with `kv` (`kv_out`,
-    `kv_in`: see `LogpsModel.forward`)."""
-    if "prefix" in batch:
-        kv["prefix"] = batch["prefix"]
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        num_segments=num_segments,
-        spans=batch.get("spans"),
-        **{k: batch[k] for k in TARGET_KEYS},
-        **kv,
-    )
-    return out.seq_logps, out.seq_tokens
-
-
-class ReferenceSource:
-    """Reference log-probs for a batch: from a cache, or a live forward of some module."""
-
-    def __init__(
-        self,
-        mode: str,
-        live: Callable[[dict[str, Tensor]], Tensor] | None = None,
-        cache=None,
-    ):
-        self.mode, self.live, self.cache = mode, live, cache
-
-    def __call__(self, batch: dict[str, Tensor]) -> Tensor:
-        if self.cache is not None:
-            return self.cache.lookup(batch["split"], batch["index"])
-        with torch.no_grad():
-            return self.live(batch)
-
-
-class PairMethod:
-    """One preference loss from `PREFERENCE_LOSSES`, over pairs."""
-
-    def __init__(self, loss: str, params: dict, pad_id: int, shared: bool):
-        self.loss_fn = PREFERENCE_LOSSES[loss]
+    def __init__(self, method: str, params: dict, pad_id: int, shared: bool):
+        self.loss_fn = loss_for(method)
         self.params, self.pad_id, self.shared = params, pad_id, shared
-        self.reference: ReferenceSource | None = None  # set once the model exists
+        self.uses_reference = needs_reference(method)
 
     def collate(self, items: list[Indexed]) -> dict[str, Any]:
         examples = [it.example for it in items]
@@ -98,13 +48,18 @@ class PairMethod:
         return tag_batch(batch, items)
 
     units = staticmethod(count_examples)
+    finalize_metrics = staticmethod(same_metrics)
+
+    def ref_logps(self, module: nn.Module, batch: dict[str, Any]) -> Tensor:
+        """(2B,) chosen then rejected log-probs under `module`."""
+        return segment_logps(module, batch, 2 * len(batch["index"]))[0]
 
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         b = len(batch["index"])
         logps, tokens = segment_logps(model, batch, 2 * b)  # (2B,): chosen then rejected
         ref_c = ref_r = None
-        if self.reference is not None:
-            ref = self.reference(batch)  # (2B,)
+        if self.uses_reference:
+            ref = self.require_reference(batch)  # (2B,)
             ref_c, ref_r = ref[:b], ref[b:]
         lp = PairLogps(logps[:b], logps[b:], ref_c, ref_r, tokens[:b], tokens[b:])
         out = self.loss_fn(lp, **self.params)
@@ -116,9 +71,8 @@ def pair_length(ex: PairExample, shared: bool) -> int:
     return p + c + r if shared else p + max(c, r)
 
 
-def build_pairs_method(cfg: RunConfig, tokenizer) -> Any:
+def build_pairs_method(cfg: RunConfig, tokenizer) -> MethodSetup:
     from alignkit.data.preference import load_preference_data
-    from alignkit.train.methods import MethodSetup
 
     data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
     shared = not cfg.train.parity
@@ -138,6 +92,4 @@ def build_pairs_method(cfg: RunConfig, tokenizer) -> Any:
             **stats,
             "layout": "prefix-shared, packed" if shared else "plain",
         },
-        needs_reference=needs_reference(cfg.method),
-        ref_logps=lambda module, batch: segment_logps(module, batch, 2 * len(batch["index"]))[0],
     )

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError
+from alignkit.train.method import ReferenceSource, ReferenceUser, to_device
 
 # A batch function: collated batch -> (S,) per-response summed log-probs under a model.
 BatchLogps = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -97,16 +98,14 @@ def compute_logps(
     *,
     batch_size: int,
     device: torch.device,
-    order: Callable[[list[Any], int], list[list[int]]] | None = None,
+    order: Callable[[list[Any], int], list[list[int]] | None] | None = None,
 ) -> Tensor:
     """(n, k) log-probs of every item (k responses each), in item order, in eval mode. The
     items are batched `batch_size` at a time in order, or as `order` groups them."""
     n = len(items)
-    batches = (
-        order(items, batch_size)
-        if order is not None
-        else [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-    )
+    batches = order(items, batch_size) if order is not None else None
+    if batches is None:
+        batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     if sorted(i for idx in batches for i in idx) != list(range(n)):
         raise ValueError("the reference batches must hold every item exactly once")
     was_training = module.training
@@ -114,8 +113,7 @@ def compute_logps(
     table = None
     try:
         for idx in batches:
-            batch = collate([items[i] for i in idx])
-            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            batch = to_device(collate([items[i] for i in idx]), device)
             logps = batch_logps(module, batch)  # (k * b,) segments: response j of item i at j*b+i
             rows = logps.float().view(-1, len(idx)).T.cpu()  # (b, k)
             if table is None:
@@ -160,12 +158,12 @@ def attach_reference(cfg, setup, model: nn.Module, wrapped: nn.Module, acc, log)
     from alignkit.models.resolve import cache_dir, resolve_model
     from alignkit.train.checkpoint import checkpoint_dirs
     from alignkit.train.forward import LogpsModel
-    from alignkit.train.preference import ReferenceSource
 
     explicit = cfg.reference.model
     lora = has_adapter(model)
     mode = choose_mode(cfg.reference.mode, lora=lora, explicit=explicit)
-    fn = setup.ref_logps
+    method: ReferenceUser = setup.method
+    fn = method.ref_logps
 
     def load_reference() -> nn.Module:
         mcfg = ModelConfig(name=explicit) if explicit else cfg.model
@@ -178,12 +176,12 @@ def attach_reference(cfg, setup, model: nn.Module, wrapped: nn.Module, acc, log)
             with adapter_disabled(model):
                 return fn(wrapped, batch)
 
-        setup.method.reference = ReferenceSource(mode, live=live)
+        method.use_reference(ReferenceSource(mode, live=live))
         log("[alignkit] reference: the policy with its LoRA adapter disabled (no copy)")
         return mode
     if mode == "copy":
         ref_module = load_reference()
-        setup.method.reference = ReferenceSource(mode, live=lambda b: fn(ref_module, b))
+        method.use_reference(ReferenceSource(mode, live=lambda b: fn(ref_module, b)))
         log(f"[alignkit] reference: a separate frozen copy of {explicit or cfg.model.name}")
         return mode
     # cache: one pass over all examples now, with whichever module is the reference
@@ -211,15 +209,15 @@ def attach_reference(cfg, setup, model: nn.Module, wrapped: nn.Module, acc, log)
     def build() -> dict[str, Tensor]:
         module = load_reference() if explicit else wrapped
         ctx = adapter_disabled(model) if (lora and not explicit) else contextlib.nullcontext()
-        kw = {"batch_size": cfg.train.batch_size, "device": acc.device, "order": setup.ref_order}
+        kw = {"batch_size": cfg.train.batch_size, "device": acc.device, "order": method.ref_order}
         with ctx:
-            tables = {"train": compute_logps(module, setup.train, setup.method.collate, fn, **kw)}
+            tables = {"train": compute_logps(module, setup.train, method.collate, fn, **kw)}
             if setup.eval:
-                tables["eval"] = compute_logps(module, setup.eval, setup.method.collate, fn, **kw)
+                tables["eval"] = compute_logps(module, setup.eval, method.collate, fn, **kw)
         return tables
 
     with acc.main_process_first():
         cache = CachedReference.load_or_build(path, build, log)
-    setup.method.reference = ReferenceSource(mode, cache=cache)
+    method.use_reference(ReferenceSource(mode, cache=cache))
     log(f"[alignkit] reference: {source}, log-probs precomputed once")
     return mode

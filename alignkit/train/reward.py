@@ -36,8 +36,14 @@ from alignkit.data.preference import (
 from alignkit.errors import DataError
 from alignkit.losses.reward import bradley_terry
 from alignkit.models.reward import RewardModel, write_reward_info
-from alignkit.train.loop import StepOutput
-from alignkit.train.preference import Indexed, count_examples, tag_batch
+from alignkit.train.method import (
+    Indexed,
+    MethodSetup,
+    StepOutput,
+    count_examples,
+    same_metrics,
+    tag_batch,
+)
 
 
 class RewardPair(NamedTuple):
@@ -140,6 +146,7 @@ class RewardMethod:
         return tag_batch(batch, items)
 
     units = staticmethod(count_examples)
+    finalize_metrics = staticmethod(same_metrics)
 
     def rewards(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         """(2B,) rewards: chosen then rejected."""
@@ -202,9 +209,7 @@ def record_reward_stats(
     return {"reward_stats": stats._asdict()}
 
 
-def build_reward_method(cfg: RunConfig, tokenizer) -> Any:
-    from alignkit.train.methods import MethodSetup
-
+def build_reward_method(cfg: RunConfig, tokenizer) -> MethodSetup:
     rcfg, dcfg = cfg.reward, cfg.data
     train_rows, fmt, eval_rows, eval_fmt = read_split(dcfg, cfg.train.seed, PREFERENCE_FORMATS)
     train, stats, with_margin = build_reward_pairs(
@@ -233,7 +238,6 @@ def build_reward_method(cfg: RunConfig, tokenizer) -> Any:
             "pairs_with_margin": with_margin,
             "layout": "prefix-shared" if shared else "plain",
         },
-        head="reward",
         after_training=lambda model, final_dir: record_reward_stats(
             model, final_dir, method, eval_items, train_items, cfg.train.batch_size
         ),

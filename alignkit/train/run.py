@@ -13,9 +13,10 @@ import torch
 
 from alignkit.config import RunConfig
 from alignkit.errors import AlignkitError
+from alignkit.methods import spec
 from alignkit.train.checkpoint import checkpoint_dirs
 from alignkit.train.loop import FitResult, Trainer
-from alignkit.train.methods import build_method
+from alignkit.train.method import build_method
 
 
 def mixed_precision(requested: str) -> str:
@@ -145,7 +146,7 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
         cfg.lora,
         device=acc.device,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
-        head=setup.head,
+        head=spec(cfg.method).head,
     )
     params = count_parameters(model)
     if acc.is_main_process:
@@ -166,7 +167,7 @@ def run_training(cfg: RunConfig, *, log=print) -> dict:
         else None
     )
     wrapped = setup.wrap(model)
-    if setup.needs_reference:
+    if spec(cfg.method).reference == "required":
         from alignkit.train.reference import attach_reference
 
         setup.info["reference"] = attach_reference(

@@ -12,8 +12,7 @@ from alignkit.data import collate, collate_packed, load_sft_data, pack_examples
 from alignkit.losses.sft import sft_loss
 from alignkit.ops.logps import IGNORE_INDEX
 from alignkit.train.forward import LogpsModel
-from alignkit.train.loop import StepOutput
-from alignkit.train.methods import MethodSetup
+from alignkit.train.method import MethodSetup, StepOutput, same_metrics
 
 
 class SFTMethod:
@@ -29,6 +28,8 @@ class SFTMethod:
 
     def units(self, batch: dict[str, Tensor]) -> float:
         return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    finalize_metrics = staticmethod(same_metrics)
 
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         out = model(

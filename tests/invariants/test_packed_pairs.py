@@ -28,7 +28,7 @@ from alignkit.data.pair_batching import (
 from alignkit.data.preference import load_preference_data
 from alignkit.ops import packed_attention
 from alignkit.train.forward import LogpsModel
-from alignkit.train.preference import segment_logps
+from alignkit.train.method import segment_logps
 
 ATOL = 1e-4
 

@@ -163,11 +163,11 @@ def _rows_of(view: dict) -> list[list[int]]:
 @pytest.mark.parametrize("packed", [True, False])
 def test_kto_batch_mismatched_kl_rows(packed):
     """Each example's KL row is its prompt with its fixed partner's completion, in its own
-    `kl_` tensors; padded, it is cut from the prompt's left when the pair exceeds max_length;
-    packed, it keeps its prompt, and the reference's `ref_` blocks hold prompt, completion and
+    MISMATCHED group; padded, it is cut from the prompt's left when the pair exceeds max_length;
+    packed, it keeps its prompt, and the reference's SHARED blocks hold prompt, completion and
     KL completion."""
-    from alignkit.train.kto import KTOItem, KTOMethod, rows_view
-    from alignkit.train.preference import Indexed
+    from alignkit.train.kto import CONTINUED, MISMATCHED, ROWS, SHARED, KTOItem, KTOMethod
+    from alignkit.train.method import Indexed
 
     items = [
         KTOItem(KTOExample([1, 2], [10, 11], True), [20]),
@@ -178,13 +178,13 @@ def test_kto_batch_mismatched_kl_rows(packed):
     batch = method.collate([Indexed("train", i, it) for i, it in enumerate(items)])
     assert batch["desirable"].tolist() == [True, False, True]
     # packed: the three rows back to back, no padding; padded: the matched rows' own width
-    assert batch["input_ids"].shape == ((1, 12) if packed else (3, 6))
-    assert _rows_of(rows_view(batch)) == [[1, 2, 10, 11], [3, 20], [4, 5, 6, 30, 31, 32]]
-    kl = rows_view(batch, "kl_")
+    assert batch[ROWS]["input_ids"].shape == ((1, 12) if packed else (3, 6))
+    assert _rows_of(batch[ROWS]) == [[1, 2, 10, 11], [3, 20], [4, 5, 6, 30, 31, 32]]
+    kl = batch[MISMATCHED]
     third = [4, 5, 6, 10, 11] if packed else [5, 6, 10, 11]  # 3 + 2 > 4: cut left when padded
     assert _rows_of(kl) == [[1, 2, 20], [3, 30, 31, 32], third]
     if packed:
-        ref = rows_view(batch, "ref_")
+        ref = batch[SHARED]
         assert _rows_of(ref) == [
             [1, 2, 10, 11, 20],
             [3, 20, 30, 31, 32],
@@ -194,25 +194,25 @@ def test_kto_batch_mismatched_kl_rows(packed):
         # The KL completions continue the matched row's prompts: each prompt's last token, then
         # the completion, at the positions of the full row; `prefix` names the rest of the
         # prompt's columns in the matched row (blocks at 0, 4 and 6).
-        cont = rows_view(batch, "klc_")
+        cont = batch[CONTINUED]
         assert _rows_of(cont) == [[2, 20], [3, 30, 31, 32], [6, 10, 11]]
         assert cont["position_ids"][0].tolist() == [1, 2, 0, 1, 2, 3, 2, 3, 4]
         assert cont["prefix"].tolist() == [[0, 1], [4, 4], [6, 8]]
         assert cont["pred_cols"].tolist() == [0, 2, 3, 4, 6, 7]  # first target from the prompt
         assert cont["target_ids"].tolist() == [20, 30, 31, 32, 10, 11]
     else:
-        assert "ref_input_ids" not in batch and "klc_input_ids" not in batch
+        assert SHARED not in batch and CONTINUED not in batch
     assert kl["target_ids"][kl["segment"] == 2].tolist() == [10, 11]
     assert kl["segment"].max().item() == 2
-    assert set(rows_view(batch)) == set(kl)  # the same row keys for both kinds
+    assert set(batch[ROWS]) == set(kl)  # the same row keys for both kinds
 
 
 def test_kto_batch_runs_a_shared_prompt_once():
     """Packed, examples of a batch that share a prompt (unpaired data made from pairs) sit in
     one block, prompt first; their KL completions continue that one prompt, and the reference
     block holds every completion of the prompt after it."""
-    from alignkit.train.kto import KTOItem, KTOMethod, rows_view
-    from alignkit.train.preference import Indexed
+    from alignkit.train.kto import CONTINUED, MISMATCHED, ROWS, SHARED, KTOItem, KTOMethod
+    from alignkit.train.method import Indexed
 
     items = [
         KTOItem(KTOExample([1, 2], [10, 11], True), [30]),
@@ -222,11 +222,11 @@ def test_kto_batch_runs_a_shared_prompt_once():
     batch = KTOMethod({}, pad_id=0, max_length=8).collate(
         [Indexed("train", i, it) for i, it in enumerate(items)]
     )
-    matched = rows_view(batch)
+    matched = batch[ROWS]
     assert _rows_of(matched) == [[1, 2, 10, 11, 20], [3, 30]]
     assert matched["position_ids"][0].tolist() == [0, 1, 2, 3, 2, 0, 1]
     assert matched["spans"][:, 2].tolist() == [0, 1]  # a shared block is not plain causal
     assert matched["target_ids"][matched["segment"] == 2].tolist() == [20]
     assert matched["pred_cols"][matched["segment"] == 2].tolist() == [1]  # the prompt's end
-    assert rows_view(batch, "klc_")["prefix"].tolist() == [[0, 1], [5, 5], [0, 1]]
-    assert _rows_of(rows_view(batch, "ref_")) == [[1, 2, 10, 11, 30, 20, 30], [3, 30, 10, 11]]
+    assert batch[CONTINUED]["prefix"].tolist() == [[0, 1], [5, 5], [0, 1]]
+    assert _rows_of(batch[SHARED]) == [[1, 2, 10, 11, 30, 20, 30], [3, 30, 10, 11]]

@@ -11,8 +11,8 @@ from alignkit.config import LoraConfig, load_config
 from alignkit.data.preference import PairExample
 from alignkit.models.lora import apply_lora
 from alignkit.train.forward import LogpsModel
-from alignkit.train.methods import MethodSetup
-from alignkit.train.preference import Indexed, PairMethod, segment_logps
+from alignkit.train.method import Indexed, MethodSetup, segment_logps
+from alignkit.train.preference import PairMethod
 from alignkit.train.reference import attach_reference
 from tests.conftest import make_tiny_model
 
@@ -57,8 +57,6 @@ def setup_for(examples, shared=True):
         [],
         [len(e) for e in examples],
         wrap=LogpsModel,
-        needs_reference=True,
-        ref_logps=lambda m, b: segment_logps(m, b, 2 * len(b["index"]))[0],
     )
 
 
@@ -131,15 +129,12 @@ def plain_logps(model, prompt: list[int], response: list[int]) -> float:
 
 
 def kto_setup(items, packed: bool = True):
-    from alignkit.train.kto import KTOMethod, kto_ref_logps
+    from alignkit.train.kto import KTOMethod
 
     method = KTOMethod({"beta": 0.1}, pad_id=2, max_length=64, packed=packed)
     indexed = [Indexed("train", i, it) for i, it in enumerate(items)]
     lengths = [len(it.example.prompt_ids) + len(it.example.completion_ids) for it in items]
-    return MethodSetup(
-        method, indexed, [], lengths, wrap=LogpsModel, needs_reference=True,
-        ref_logps=kto_ref_logps,
-    )  # fmt: skip
+    return MethodSetup(method, indexed, [], lengths, wrap=LogpsModel)
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -172,7 +167,9 @@ def test_kto_reference_and_loss_match_plain_rows(
 
     policy = lora_policy()
     setup = kto_setup(items, packed)
-    assert ("ref_input_ids" in setup.method.collate(setup.train)) == packed
+    from alignkit.train.kto import SHARED
+
+    assert (SHARED in setup.method.collate(setup.train)) == packed
     cfg = load_config(
         None,
         [
@@ -225,10 +222,10 @@ def test_kto_step_continues_the_matched_prompts(monkeypatch):
     prompts = {tuple(it.example.prompt_ids) for it in items[:8]}
     assert len(prompts) < 8  # some examples of the batch share a prompt
     width = sum(len(p) for p in prompts) + sum(len(it.example.completion_ids) for it in items[:8])
-    assert batch["input_ids"].shape[1] == width  # each prompt once
+    assert batch[K.ROWS]["input_ids"].shape[1] == width  # each prompt once
     policy = LogpsModel(lora_policy())
     with torch.no_grad():  # a reference that puts z0 at 0.5, far from its clamp at 0
-        kl_rows, _ = segment_logps(policy, K.rows_view(batch, K.KL_PREFIX), 8)
+        kl_rows, _ = segment_logps(policy, batch[K.MISMATCHED], 8)
     method.reference = lambda b: torch.cat([torch.zeros(8), kl_rows - 0.5])
     widths = []
     real = LogpsModel.hidden_states
@@ -250,8 +247,8 @@ def test_kto_step_continues_the_matched_prompts(monkeypatch):
     kl_tokens = sum(1 + len(it.kl_completion_ids) for it in items[:8])
     assert widths == [width, kl_tokens]
     widths.clear()
-    full = loss_and_grads({k: v for k, v in batch.items() if not k.startswith(K.CONT_PREFIX)})
-    assert widths == [width, batch["kl_input_ids"].shape[1]]
+    full = loss_and_grads({k: v for k, v in batch.items() if k != K.CONTINUED})
+    assert widths == [width, batch[K.MISMATCHED]["input_ids"].shape[1]]
     torch.testing.assert_close(cont[1], torch.full((8,), 0.5), atol=1e-4, rtol=0)
     torch.testing.assert_close(cont[0], full[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cont[1], full[1], atol=1e-5, rtol=1e-5)
@@ -263,7 +260,7 @@ def test_kto_step_continues_the_matched_prompts(monkeypatch):
 def test_kto_reference_pass_batches_examples_by_prompt():
     """The precomputing pass puts examples that share a prompt in one batch (every example once)
     and gives the log-probs of the plain in-order pass."""
-    from alignkit.train.kto import KTOMethod, by_prompt, kto_ref_logps
+    from alignkit.train.kto import KTOMethod, by_prompt
     from alignkit.train.reference import compute_logps
 
     items = [Indexed("train", i, it) for i, it in enumerate(kto_items_sharing_prompts())]
@@ -274,6 +271,8 @@ def test_kto_reference_pass_batches_examples_by_prompt():
         prompts = [tuple(items[i].example.example.prompt_ids) for i in b]
         assert all(prompts.count(p) == 2 for p in prompts)
     method = KTOMethod({}, pad_id=2, max_length=64)
+    kto_ref_logps = method.ref_logps
+    assert method.ref_order(items, 4) == batches  # packed: the pass runs by prompt
     model = LogpsModel(make_tiny_model(seed=0))
     kw = {"batch_size": 4, "device": torch.device("cpu")}
     grouped = compute_logps(model, items, method.collate, kto_ref_logps, order=by_prompt, **kw)

@@ -378,7 +378,7 @@ def test_kto_batches_hold_whole_prompts_unless_turned_off(tokenizer, data_dir):
     batch has both labels of its prompts); train.group_by_prompt=false and train.parity give
     the examples' own order."""
     from alignkit.config import load_config
-    from alignkit.train.methods import build_method
+    from alignkit.train.method import build_method
     from alignkit.train.stream import MicroBatchStream
 
     src = str(data_dir / "hh-rlhf-harmless" / "pairs.jsonl")

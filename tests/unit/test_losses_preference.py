@@ -20,6 +20,7 @@ from alignkit.losses import (
     robust_dpo,
     simpo,
 )
+from alignkit.losses.preference import apo_zero
 
 METRICS = {
     "rewards/chosen",
@@ -96,12 +97,15 @@ def test_gradient_reaches_policy_only(name):
 
 
 def test_registry_and_needs_reference():
-    assert set(PREFERENCE_LOSSES) == {"dpo", "ipo", "hinge", "robust_dpo", "simpo", "orpo"}
+    assert set(PREFERENCE_LOSSES) == {
+        "dpo", "ipo", "hinge", "robust_dpo", "apo_zero", "simpo", "orpo"
+    }  # fmt: skip
     assert {n: needs_reference(n) for n in PREFERENCE_LOSSES} == {
         "dpo": True,
         "ipo": True,
         "hinge": True,
         "robust_dpo": True,
+        "apo_zero": True,
         "simpo": False,
         "orpo": False,
     }
@@ -186,6 +190,40 @@ def test_hinge_by_hand_and_zero_beyond_margin():
     close(lp.chosen.grad, [0.0, 0.0])  # ... and no gradient
     # h = -5 (wrong way round): 1 - 0.1 * -5 = 1.5
     close(hinge(pair(-13.0, -8.0, -11.0, -11.0), beta=0.1).losses, [1.5])
+
+
+# --- APO-zero --------------------------------------------------------------------------------
+
+
+def test_apo_zero_by_hand():
+    # HAND: chosen log-ratio 1, rejected -1, beta 0.1:
+    # (1 - sigmoid(0.1)) + sigmoid(-0.1) = (1 - 0.5249791875) + 0.4750208125 = 0.9500416250
+    lp = HAND._replace(chosen=HAND.chosen.clone().requires_grad_(), rejected=HAND.rejected.clone())
+    lp = lp._replace(rejected=lp.rejected.requires_grad_())
+    out = apo_zero(lp, beta=0.1)
+    close(out.losses, [0.9500416250])
+    # each response is pushed on its own: d/d chosen = -beta s(1 - s) at 0.1, d/d rejected =
+    # +beta s(1 - s) at -0.1; both 0.1 * 0.2493760401 = 0.0249376040 in size
+    out.losses.sum().backward()
+    close(lp.chosen.grad, [-0.0249376040])
+    close(lp.rejected.grad, [0.0249376040])
+    close(out.metrics["rewards/margins"], [0.2])  # the DPO family's summed rewards
+
+
+def test_apo_zero_is_one_at_the_reference_and_pushes_chosen_up_past_the_margin():
+    """At policy == reference each pair's loss is exactly 1. Unlike DPO, whose gradient fades
+    once the margin is large, APO-zero keeps raising a chosen response that sits below the
+    reference: chosen log-ratio -2, rejected -40, beta 0.5. DPO's gradient on chosen is
+    -beta (1 - sigmoid(19)) ~ -2.8e-9; APO-zero's is -beta s(-1)(1 - s(-1)) = -0.0983059666."""
+    close(apo_zero(pair(-10.0, -12.0, -10.0, -12.0), beta=0.5).losses, [1.0])
+    grads = {}
+    for name, fn in (("apo_zero", apo_zero), ("dpo", dpo)):
+        lp = pair(-12.0, -52.0, -10.0, -12.0)
+        lp = lp._replace(chosen=lp.chosen.requires_grad_())
+        fn(lp, beta=0.5).losses.sum().backward()
+        grads[name] = lp.chosen.grad.item()
+    close(torch.tensor(grads["apo_zero"]), -0.0983059666)
+    assert abs(grads["dpo"]) < 1e-8
 
 
 # --- IPO -------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.train.loop import MetricSums, StepOutput
+from alignkit.train.loop import MetricSums
+from alignkit.train.method import StepOutput
 
 
 class OneProcess:

@@ -15,7 +15,7 @@ import torch
 from alignkit.config import load_config
 from alignkit.errors import AlignkitError, ConfigError, DataError, ModelError
 from alignkit.rewards import final_answer, gsm8k_answer, gsm8k_format
-from alignkit.rollout.prompts import load_prompt_data
+from alignkit.data.prompts import load_prompt_data
 from alignkit.rollout.sampling import Rollout, stop_mask
 from alignkit.train.ppo import Experience, make_experience, ppo_updates
 from alignkit.train.ppo_reward import call_reward_fn, load_reward_fn, model_reward
@@ -238,7 +238,7 @@ def _fake_reward_module(monkeypatch, scorer=None, error=None):
 
 
 def _examples(n):
-    from alignkit.rollout.prompts import PromptExample
+    from alignkit.data.prompts import PromptExample
 
     return [PromptExample([{"role": "user", "content": f"q{i}"}], [1], {}) for i in range(n)]
 

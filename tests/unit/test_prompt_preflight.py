@@ -12,7 +12,7 @@ from alignkit.config import DataConfig, load_config
 from alignkit.data import render_report
 from alignkit.data.io import read_located
 from alignkit.data.prompt_preflight import preflight_prompts
-from alignkit.rollout.prompts import build_prompts
+from alignkit.data.prompts import build_prompts
 
 
 def write_jsonl(path, rows):

@@ -12,7 +12,7 @@ import torch
 from alignkit.config import load_config
 from alignkit.errors import ConfigError, DataError
 from alignkit.models.reward import REWARD_INFO, last_token_index, load_reward_model
-from alignkit.train.methods import build_method
+from alignkit.train.method import build_method
 from alignkit.train.reward import row_margin
 from alignkit.train.run import run_training
 

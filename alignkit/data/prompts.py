@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.config import RunConfig
-from alignkit.data.formats import _as_turns, _parse_turns, apply_column_map, detect_format
+from alignkit.data.formats import apply_column_map, as_turns, detect_format, parse_turns
 from alignkit.data.io import LocatedRecords, read_located
 from alignkit.data.pair_formats import PromptMismatch, to_pair
-from alignkit.data.templates import _render, resolve_template
-from alignkit.data.tokenize import _subset, _with_where, heldout_indices
+from alignkit.data.templates import render_messages, resolve_template
+from alignkit.data.tokenize import heldout_indices, subset, with_where
 from alignkit.errors import ConfigError, DataError
 
 Message = dict[str, str]
@@ -63,13 +63,13 @@ def prompt_messages(row: dict[str, Any], fmt: str) -> list[Message]:
     if fmt in ("preference", "hh"):
         messages = to_pair(row, fmt).prompt
     elif fmt == "messages":
-        messages = _parse_turns(row.get("messages", row.get("conversations")))
+        messages = parse_turns(row.get("messages", row.get("conversations")))
         while messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]  # the prompt is everything before the final reply
     elif fmt in ("prompt_only", "prompt_completion", "kto"):
         if row.get("prompt") is None:
             raise DataError("row has no 'prompt'", hint="rename the column with data.column_map")
-        messages = _as_turns(row["prompt"], "user", "prompt")
+        messages = as_turns(row["prompt"], "user", "prompt")
         if isinstance(row.get("system"), str) and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": row["system"]})
     else:
@@ -128,16 +128,16 @@ def build_prompts(
             stats.dropped_prompt_mismatch += 1
             continue
         except DataError as err:
-            raise _with_where(err, where) from None
+            raise with_where(err, where) from None
         if system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
         kept.append((messages, record, where))
     texts = []
     for messages, _, where in kept:
         try:
-            texts.append(_render(tokenizer, messages, template, generation_prompt=True))
+            texts.append(render_messages(tokenizer, messages, template, generation_prompt=True))
         except DataError as err:
-            raise _with_where(err, where) from None
+            raise with_where(err, where) from None
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     limit = prompt_limit(cfg)
     out = []
@@ -157,7 +157,7 @@ def _format(located: LocatedRecords, cfg: RunConfig, source: str) -> str:
         auto = cfg.data.format == "auto"
         fmt = detect_format(located.records, cfg.data.column_map) if auto else cfg.data.format
     except DataError as err:
-        raise _with_where(err, source) from None
+        raise with_where(err, source) from None
     if fmt not in PROMPT_FORMATS:
         raise DataError(
             f"format '{fmt}' holds no prompts for PPO",
@@ -180,8 +180,8 @@ def load_prompt_data(cfg: RunConfig, tokenizer: Any) -> PromptData:
         eval_fmt = _format(eval_located, cfg, dcfg.eval)
     else:
         held = set(heldout_indices(len(located), dcfg, cfg.train.seed))
-        eval_located = _subset(located, sorted(held))
-        located = _subset(located, [i for i in range(len(located)) if i not in held])
+        eval_located = subset(located, sorted(held))
+        located = subset(located, [i for i in range(len(located)) if i not in held])
         eval_fmt = fmt
     train, stats = build_prompts(located, fmt, cfg, tokenizer)
     if not train:
