@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from alignkit.errors import AlignkitError
+from alignkit.methods import METHODS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -127,7 +128,7 @@ def quickstart(
 @data_app.command("check")
 def data_check(
     file: str = typer.Argument(..., help="data file or datasets hub name"),
-    method: str = typer.Option("sft", help="the method the data is for"),
+    method: str = typer.Option("sft", help=f"the method the data is for: {', '.join(METHODS)}"),
     model: str = typer.Option("smollm2-135m", help="model whose tokenizer and template to use"),
     max_length: int = typer.Option(1024, "--max-length", help="token limit per example"),
     fmt: str = typer.Option("auto", "--format", help="force a format instead of detecting it"),

@@ -2,7 +2,9 @@
 
 Unit and invariant tests run on tiny random Llama models (a few hundred thousand parameters) that
 share the real SmolLM2 tokenizer and chat template, so rendering and masking are tested on the real
-thing while forward passes stay fast. End-to-end tests use the real 135M model.
+thing while forward passes stay fast. That tokenizer is a copy kept in `tests/assets/` (its
+tokenizer.json, config and chat template): the fast tier (`pytest -m "not e2e"`) needs no network
+and no model download. End-to-end tests use the real 135M model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "smollm2-tokenizer"
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +27,16 @@ def smollm2_dir() -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2_dir):
+def tokenizer_dir() -> str:
+    """SmolLM2-135M-Instruct's tokenizer files, as the model ships them."""
+    return str(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def tiny_llama_config(vocab_size: int = 49152, **overrides):

@@ -211,7 +211,7 @@ def test_kto_batch_runs_a_shared_prompt_once():
     """Packed, examples of a batch that share a prompt (unpaired data made from pairs) sit in
     one block, prompt first; their KL completions continue that one prompt, and the reference
     block holds every completion of the prompt after it."""
-    from alignkit.train.kto import CONTINUED, MISMATCHED, ROWS, SHARED, KTOItem, KTOMethod
+    from alignkit.train.kto import CONTINUED, ROWS, SHARED, KTOItem, KTOMethod
     from alignkit.train.method import Indexed
 
     items = [

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from alignkit.config import load_config
+from alignkit.data.prompts import load_prompt_data
 from alignkit.errors import AlignkitError, ConfigError, DataError, ModelError
 from alignkit.rewards import final_answer, gsm8k_answer, gsm8k_format
-from alignkit.data.prompts import load_prompt_data
 from alignkit.rollout.sampling import Rollout, stop_mask
 from alignkit.train.ppo import Experience, make_experience, ppo_updates
 from alignkit.train.ppo_reward import call_reward_fn, load_reward_fn, model_reward

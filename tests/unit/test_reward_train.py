@@ -11,6 +11,7 @@ import torch
 
 from alignkit.config import load_config
 from alignkit.errors import ConfigError, DataError
+from alignkit.methods import spec
 from alignkit.models.reward import REWARD_INFO, last_token_index, load_reward_model
 from alignkit.train.method import build_method
 from alignkit.train.reward import row_margin
@@ -111,7 +112,7 @@ def test_margin_column_is_read_per_pair(tmp_path, tokenizer):
     setup = build_method(load_config(None, overrides), tokenizer)
     assert [it.example.margin for it in setup.train] == [2.5, 0.0, 0.0]
     assert setup.info["pairs_with_margin"] == 2
-    assert setup.head == "reward"
+    assert spec("reward").head == "reward"  # loaded with a score head
     batch = setup.method.collate(setup.train)
     assert batch["margin"].tolist() == [2.5, 0.0, 0.0]
     ignored = build_method(load_config(None, [*overrides, "reward.use_margin=false"]), tokenizer)
