@@ -14,6 +14,7 @@ import yaml
 from pydantic import (
     BaseModel,
     Field,
+    PrivateAttr,
     ValidationError,
     create_model,
     field_validator,
@@ -78,7 +79,9 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0)
     batch_size: int = Field(4, gt=0, description="Per process, per micro-batch")
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
+    lr: float | None = Field(
+        None, gt=0, description="unset: the method's usual rate, with LoRA or without"
+    )
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -126,6 +129,32 @@ class ReferenceConfig(Section):
     mode: Literal["auto", "cache", "adapter", "copy"] = "auto"
 
 
+def note(lines: list[str], line: str) -> None:
+    """Add a run-log line once (a config is validated again when a field is assigned)."""
+    if line not in lines:
+        lines.append(line)
+
+
+def read_intent(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A raw config as its writer meant it: `model: NAME` is the model's name, and a `lora`
+    section is a request for LoRA unless it says `enabled: false` (`lora: true` too). Returns
+    the config and one line per reading, for the run log."""
+    out, said = dict(raw), []
+    if isinstance(out.get("model"), str):
+        out["model"] = {"name": out["model"]}
+    lora = out.get("lora")
+    if isinstance(lora, bool):
+        out["lora"] = {"enabled": lora}
+    elif isinstance(lora, dict) and lora and "enabled" not in lora:
+        out["lora"] = {**lora, "enabled": True}
+        keys = ", ".join(f"{k}={v}" for k, v in lora.items())
+        said.append(
+            f"lora: the config sets LoRA options ({keys}) without `enabled`, so LoRA adapters "
+            "are trained (lora.enabled=false trains every parameter instead)"
+        )
+    return out, said
+
+
 class RunConfigBase(Section):
     """The sections every method shares; `RunConfig` adds one section per method-table row."""
 
@@ -136,6 +165,36 @@ class RunConfigBase(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = "runs/run"
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    # What was read into the config beyond what it says word for word (a lora section without
+    # `enabled`, a model given as a plain name), for the run log.
+    _decisions: list[str] = PrivateAttr(default_factory=list)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _read_intent(cls, data: Any, handler):
+        decisions: list[str] = []
+        if isinstance(data, dict):
+            data, decisions = read_intent(data)
+        cfg = handler(data)
+        cfg._decisions[:0] = decisions
+        return cfg
+
+    @property
+    def decisions(self) -> list[str]:
+        """What was read into the config beyond its words, one line each, for the run log."""
+        return list(self._decisions)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Settings far from the method's usual ones, one line each, for the run log."""
+        return list(self._warnings)
+
+    def __eq__(self, other: object) -> bool:
+        # Two configs are equal when they run the same: how each was written does not count.
+        return type(other) is type(self) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # mutable, like every pydantic model
 
     @model_validator(mode="after")
     def _check(self) -> RunConfigBase:
@@ -156,7 +215,32 @@ class RunConfigBase(Section):
                 f"{self.method} already runs each example's prompt once: remove it"
             )
         self.section().check_active()
+        self._choose_lr()
         return self
+
+    def _choose_lr(self) -> None:
+        """train.lr unset: the method's usual rate for LoRA or full fine-tuning (said in the run
+        log); set far outside the usual range: a warning with the range, never an error."""
+        how = "LoRA" if self.lora.enabled else "full fine-tuning"
+        default, (low, high) = TABLE[self.method].lr.pick(self.lora.enabled)
+        if self.train.lr is None:
+            self.train.lr = default
+            note(
+                self._decisions,
+                f"train.lr: not set, so {default:g}, the usual rate for {self.method} with {how}",
+            )
+        elif not low <= self.train.lr <= high:
+            side = "above" if self.train.lr > high else "below"
+            note(
+                self._warnings,
+                f"train.lr={self.train.lr:g} is {side} the usual range for {self.method} with "
+                f"{how} ({low:g} to {high:g}; default {default:g}): "
+                + (
+                    "expect unstable training or a collapsed model"
+                    if side == "above"
+                    else "the model may barely move"
+                ),
+            )
 
     def section(self) -> Section:
         """The chosen method's own section."""
@@ -310,6 +394,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError("the config must be a mapping of sections", where=str(p))
         raw = loaded
+    if isinstance(raw.get("model"), str):  # `model: NAME`, so that model.* overrides apply
+        raw["model"] = {"name": raw["model"]}
     raw = apply_overrides(raw, overrides or [])
     try:
         return RunConfig.model_validate(raw, by_alias=True)

@@ -14,7 +14,7 @@ docs/architecture.md for the recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from alignkit import knobs
 from alignkit.errors import ConfigError
@@ -37,6 +37,32 @@ POLICY_REWARDS = "policy_rewards"  # rewards are the policy's own log-probs (not
 PAIR_BUILDER = "alignkit.train.preference:build_pairs_method"
 
 
+class LearningRates(NamedTuple):
+    """A method's usual learning rates: the default and the range practice stays within, with
+    LoRA adapters and with every parameter trained. Full fine-tuning moves all the weights, so
+    its rates are one to two orders of magnitude below LoRA's for the same method."""
+
+    lora: float
+    lora_range: tuple[float, float]
+    full: float
+    full_range: tuple[float, float]
+
+    def pick(self, lora: bool) -> tuple[float, tuple[float, float]]:
+        return (self.lora, self.lora_range) if lora else (self.full, self.full_range)
+
+
+# SFT: LoRA 2e-4 is the common QLoRA recipe (Dettmers et al. 2023); full 2e-5 (Alpaca, Zephyr).
+SFT_LR = LearningRates(2e-4, (1e-5, 1e-3), 2e-5, (1e-6, 1e-4))
+# DPO family and KTO: full fine-tuning 5e-7 (Zephyr; Rafailov et al. use 1e-6), LoRA 5e-5.
+PREFERENCE_LR = LearningRates(5e-5, (5e-6, 5e-4), 5e-7, (1e-7, 1e-5))
+# ORPO trains an SFT term as well: its paper uses 8e-6 for full fine-tuning.
+ORPO_LR = LearningRates(5e-5, (5e-6, 5e-4), 8e-6, (1e-6, 5e-5))
+# Reward models: about 1e-5 full (InstructGPT used 9e-6), 1e-4 with LoRA.
+REWARD_LR = LearningRates(1e-4, (5e-6, 5e-4), 1e-5, (1e-6, 5e-5))
+# PPO: about 1e-5 (InstructGPT 9.65e-6); LoRA policies go up to a few 1e-4 on short runs.
+PPO_LR = LearningRates(1e-5, (1e-6, 5e-4), 1e-5, (1e-7, 5e-5))
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One row of the method table."""
@@ -47,6 +73,7 @@ class MethodSpec:
     data: DataKind
     runner: Runner
     builder: str  # "module:function" returning the method's setup for its loop
+    lr: LearningRates  # train.lr's default and usual range, with LoRA and without
     health: frozenset[str] = field(default_factory=frozenset)
     loss: str | None = None  # pair methods: the function's name in alignkit.losses.preference
     head: Literal["lm", "reward"] = "lm"  # reward: a scalar score head, the model never samples
@@ -61,7 +88,14 @@ class MethodSpec:
         return self.reference == "required"
 
 
-def pair(name: str, section: type[knobs.Section], reference: Reference, health, summary: str):
+def pair(
+    name: str,
+    section: type[knobs.Section],
+    reference: Reference,
+    health,
+    summary: str,
+    lr: LearningRates = PREFERENCE_LR,
+):
     """A row for a pair loss of the DPO family: the `loss` function named after the method."""
     return MethodSpec(
         name=name,
@@ -70,6 +104,7 @@ def pair(name: str, section: type[knobs.Section], reference: Reference, health, 
         data="pairs",
         runner="offline",
         builder=PAIR_BUILDER,
+        lr=lr,
         health=frozenset(health),
         loss=name,
         summary=summary,
@@ -80,7 +115,7 @@ def pair(name: str, section: type[knobs.Section], reference: Reference, health, 
 _ROWS = (
     MethodSpec(
         name="sft", knobs=knobs.SFTConfig, reference="none", data="sft", runner="offline",
-        builder="alignkit.train.sft:build_sft", health=frozenset({SFT_LABELS}),
+        builder="alignkit.train.sft:build_sft", lr=SFT_LR, health=frozenset({SFT_LABELS}),
         summary="supervised fine-tuning on completions",
     ),
     pair("dpo", knobs.DPOConfig, "required", {SIGMOID_LOSS, POLICY_REWARDS},
@@ -94,21 +129,22 @@ _ROWS = (
     pair("simpo", knobs.SimPOConfig, "free", {POLICY_REWARDS},
          "length-normalised, reference-free preference loss"),
     pair("orpo", knobs.ORPOConfig, "free", {POLICY_REWARDS},
-         "SFT plus an odds-ratio penalty, reference-free"),
+         "SFT plus an odds-ratio penalty, reference-free", ORPO_LR),
     MethodSpec(
         name="kto", knobs=knobs.KTOConfig, reference="required", data="unpaired",
-        runner="offline", builder="alignkit.train.kto:build_kto_method",
+        runner="offline", builder="alignkit.train.kto:build_kto_method", lr=PREFERENCE_LR,
         health=frozenset({POLICY_REWARDS}),
         summary="prospect-theoretic loss on thumbs-up/down examples",
     ),
     MethodSpec(
         name="reward", knobs=knobs.RewardConfig, reference="none", data="pairs",
-        runner="offline", builder="alignkit.train.reward:build_reward_method", head="reward",
+        runner="offline", builder="alignkit.train.reward:build_reward_method", lr=REWARD_LR,
+        head="reward",
         summary="Bradley-Terry reward model",
     ),
     MethodSpec(
         name="ppo", knobs=knobs.PPOConfig, reference="start", data="prompts", runner="rollout",
-        builder="alignkit.train.ppo_run:run_ppo",
+        builder="alignkit.train.ppo_run:run_ppo", lr=PPO_LR,
         summary="RLHF with PPO against a reward model or a verifiable reward",
     ),
 )

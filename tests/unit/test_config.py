@@ -110,3 +110,60 @@ def test_group_by_prompt_is_for_kto():
     assert load_config(None, ["method=kto", "train.group_by_prompt=true"]).train.group_by_prompt
     with pytest.raises(ConfigError, match="group_by_prompt is for kto"):
         load_config(None, ["method=dpo", "train.group_by_prompt=true"])
+
+
+def test_a_lora_section_means_lora_unless_it_says_otherwise(tmp_path):
+    """`lora: {r: 16, alpha: 32}` asks for LoRA: it is enabled, and the run log is told why;
+    `enabled: false` keeps full fine-tuning, and no section means full fine-tuning as before."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("lora:\n  r: 16\n  alpha: 32\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.lora.enabled and cfg.lora.r == 16
+    assert [line for line in cfg.decisions if line.startswith("lora:")] == [
+        "lora: the config sets LoRA options (r=16, alpha=32) without `enabled`, so LoRA "
+        "adapters are trained (lora.enabled=false trains every parameter instead)"
+    ]
+    assert "enabled: true" in cfg.to_yaml()  # the resolved config says what ran
+    off = load_config(path, ["lora.enabled=false"])
+    assert not off.lora.enabled and not any("lora" in line for line in off.decisions)
+    assert not load_config(None).lora.enabled
+    assert load_config(None, ["lora.r=8"]).lora.enabled  # an override is a section too
+    assert load_config(None, ["lora=true"]).lora.enabled
+
+
+def test_a_model_given_as_a_plain_name(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model: smollm2-135m\n", encoding="utf-8")
+    assert load_config(path).model.name == "smollm2-135m"
+    cfg = load_config(path, ["model.dtype=fp32"])  # overrides still reach the section
+    assert (cfg.model.name, cfg.model.dtype) == ("smollm2-135m", "fp32")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lr"),
+    [
+        (["method=sft", "lora.enabled=true"], 2e-4),
+        (["method=sft"], 2e-5),
+        (["method=dpo", "lora.enabled=true"], 5e-5),
+        (["method=dpo"], 5e-7),  # full fine-tuning DPO: two orders below LoRA's rate
+        (["method=kto"], 5e-7),
+        (["method=reward"], 1e-5),
+        (["method=ppo", "ppo.reward_fn=alignkit.rewards:gsm8k_format"], 1e-5),
+    ],
+)
+def test_learning_rate_defaults_follow_the_method_and_lora(overrides, lr):
+    cfg = load_config(None, overrides)
+    assert cfg.train.lr == pytest.approx(lr)
+    assert any(line.startswith("train.lr: not set") for line in cfg.decisions)
+    assert cfg.warnings == []
+
+
+def test_a_learning_rate_far_outside_the_usual_range_warns_with_the_range():
+    cfg = load_config(None, ["method=dpo", "train.lr=2e-4"])  # LoRA SFT's rate, full DPO
+    assert cfg.train.lr == 2e-4  # kept: a warning, not an error
+    assert len(cfg.warnings) == 1
+    assert "above the usual range for dpo with full fine-tuning (1e-07 to 1e-05" in cfg.warnings[0]
+    quiet = load_config(None, ["method=dpo", "lora.enabled=true", "train.lr=1e-4"])
+    assert quiet.warnings == [] and quiet.decisions == []
+    low = load_config(None, ["method=sft", "lora.enabled=true", "train.lr=1e-7"])
+    assert "below the usual range" in low.warnings[0]
