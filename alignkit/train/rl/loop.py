@@ -5,7 +5,10 @@ step takes a batch of prompts and does its own sampling (n completions per promp
 scoring through :mod:`alignkit.train.rl.scoring`, experience and updates with the optimizer the
 loop hands it. The loop owns the rest, through the run session: the prompt stream, the optimizer
 and schedule, evaluation before, during and after training, logging, progress, run health,
-checkpoints and resume, `final/` and `summary.json`.
+checkpoints and resume, `final/` and `summary.json`. The method's config section (`ppo`, ...)
+supplies `rollout_batch_size`, `eval_prompts`, `max_new_tokens` and the score source
+(`reward_fn` or `reward_model`); a method sampling n completions per prompt repeats each prompt
+n times in its step.
 
 Checkpoints (`train.save_every`) hold the shared pieces (trainable weights, optimizer, schedule,
 RNG states, TrainerState) plus, as `extra`, the prompt position, the evaluation before training
