@@ -144,7 +144,7 @@ _ROWS = (
     ),
     MethodSpec(
         name="ppo", knobs=knobs.PPOConfig, reference="start", data="prompts", runner="rollout",
-        builder="alignkit.train.ppo_run:run_ppo", lr=PPO_LR,
+        builder="alignkit.train.rl.ppo:build_ppo", lr=PPO_LR,
         summary="RLHF with PPO against a reward model or a verifiable reward",
     ),
 )

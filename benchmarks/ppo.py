@@ -63,7 +63,7 @@ def _separate_lora(cfg, device):
     from alignkit.config import LoraConfig
     from alignkit.models import load_model
     from alignkit.train.forward import unwrap_hf
-    from alignkit.train.ppo_models import PPOModels, new_value_head
+    from alignkit.train.rl.ppo_models import PPOModels, new_value_head
 
     policy = load_model(cfg.model, cfg.lora, device=device)
     value = load_model(cfg.model, cfg.lora, device=device)
@@ -78,12 +78,14 @@ def child(layout: str, args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from alignkit.data.prompts import load_prompt_data
     from alignkit.models import load_tokenizer
     from alignkit.rollout.generate import stop_token_ids
-    from alignkit.data.prompts import load_prompt_data
-    from alignkit.train.ppo_models import build_ppo_models
-    from alignkit.train.ppo_reward import make_reward
-    from alignkit.train.ppo_run import PPOState, PromptStream
+    from alignkit.train.rl.loop import PromptStream, make_optim
+    from alignkit.train.rl.ppo import PPO
+    from alignkit.train.rl.ppo_models import build_ppo_models
+    from alignkit.train.rl.sampling import Sampler
+    from alignkit.train.rl.scoring import make_reward
 
     set_threads(args.threads)
     out = tempfile.mkdtemp(prefix=f"ppo-bench-{layout}-")
@@ -92,7 +94,7 @@ def child(layout: str, args) -> dict:
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     data = load_prompt_data(cfg, tokenizer)
-    reward = make_reward(cfg, tokenizer, acc.device)
+    reward = make_reward(cfg.ppo, tokenizer, acc.device, batch_size=cfg.train.batch_size)
     rss_before = peak_rss_mb()
     models = (
         build_ppo_models(cfg, acc.device) if layout == "shared" else _separate_lora(cfg, acc.device)
@@ -100,13 +102,13 @@ def child(layout: str, args) -> dict:
     models.train(False)
     set_seed(cfg.train.seed)
     stops = stop_token_ids(tokenizer, models.policy)
-    state = PPOState(cfg, models, tokenizer, reward, stops, acc, Path(out), lambda m: None)
-    opt = state.make_optim(args.steps)
+    ppo = PPO(cfg.ppo, cfg.train, models, Sampler(tokenizer, reward, cfg.ppo, stops), acc)
+    opt = make_optim(ppo.trainable(), cfg.train, acc, args.steps * ppo.updates_per_step())
     stream = PromptStream(len(data.train), cfg.ppo.rollout_batch_size, cfg.train.seed)
     steps = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        m = state.step([data.train[i] for i in stream.next()], opt)
+        m = ppo.step([data.train[i] for i in stream.next()], opt)
         m["step_s"] = time.perf_counter() - t0
         steps.append(m)
     result = {

@@ -7,8 +7,8 @@ from conftest import make_tiny_model
 
 from alignkit.config import LoraConfig, load_config
 from alignkit.models.lora import apply_lora
-from alignkit.train.ppo import Optim
-from alignkit.train.ppo_models import PPOModels, add_value_adapter, make_batch, new_value_head
+from alignkit.train.rl.loop import Optim
+from alignkit.train.rl.ppo_models import PPOModels, add_value_adapter, make_batch, new_value_head
 
 VOCAB = 64
 

@@ -21,13 +21,6 @@ from torch import Tensor, nn
 
 from alignkit.config import RunConfig
 from alignkit.errors import AlignkitError
-from alignkit.monitor.health import (
-    HealthMonitor,
-    format_finding,
-    read_metrics,
-    settings_from_config,
-)
-from alignkit.monitor.progress import Progress
 from alignkit.train.checkpoint import (
     TrainerState,
     checkpoint_dirs,
@@ -36,6 +29,7 @@ from alignkit.train.checkpoint import (
     save_checkpoint,
 )
 from alignkit.train.method import Method, StepOutput, to_device
+from alignkit.train.session import Cadence, interrupt_note, make_health
 from alignkit.train.stream import MicroBatchStream, total_steps
 
 
@@ -181,11 +175,8 @@ class Trainer:
         self.prepared, self.optimizer = accelerator.prepare(model, self.optimizer)
         self.state = TrainerState()
         # Run-health rules on every logged row; the main process owns the run directory.
-        self.health = None
-        if accelerator.is_main_process:
-            settings = settings_from_config(cfg)
-            self.health = HealthMonitor(cfg.method, self.steps, run_dir=run_dir, settings=settings)
-        self.new_findings: list = []  # found since the progress output last showed them
+        self.health = make_health(cfg, self.steps, run_dir) if accelerator.is_main_process else None
+        self.cadence = Cadence(self.tcfg, self.steps, health=self.health)
 
     # -- pieces -------------------------------------------------------------------------------
     def _batch(self, micro_index: int) -> dict[str, Tensor]:
@@ -306,64 +297,60 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------------------
     def fit(self) -> FitResult:
-        if self.resume_if_asked() and self.health is not None:
-            # Rebuild the health state from the rows logged up to the checkpoint.
-            metrics_path = self.run_dir / "metrics.jsonl"
-            self.health.replay(read_metrics(metrics_path, upto=self.state.step))
-            self.new_findings.clear()
+        cadence = self.cadence
+        # Read at fit time: the caller may attach or swap the logger after construction.
+        cadence.logger = self.logger if self.acc.is_main_process else None
+        if self.resume_if_asked():
+            cadence.resume_health(self.run_dir, upto=self.state.step)
         result = FitResult(self.state, {})
         if self.state.step == 0 and self.eval_set:
             result.eval_before = self.evaluate()
             self._log(0, result.eval_before)
-        progress = Progress(self.steps, enabled=self.tcfg.progress and self.acc.is_main_process)
+        progress = cadence.progress(self.acc.is_main_process)
         progress.start(self.state.step)
         self.prepared.train()
         t_start = time.perf_counter() - self.state.elapsed_s
         try:
             while self.state.step < self.steps:
-                t0 = time.perf_counter()
-                metrics = self.train_step()
-                dt = time.perf_counter() - t0
-                metrics["tokens_per_s"] = metrics.pop("tokens") / max(dt, 1e-9)
-                self.state.elapsed_s = time.perf_counter() - t_start
-                step = self.state.step
-                if self._due(self.tcfg.eval_every) and step < self.steps:
-                    metrics.update(self.evaluate())
-                if step % self.tcfg.log_every == 0 or step == self.steps:
-                    self._log(step, metrics)
-                result.last_metrics = metrics
-                progress.update(step, metrics)
-                self._show_findings(progress)
-                if self._due(self.tcfg.save_every) and step < self.steps:
-                    self.save()
+                result.last_metrics = self._run_step(progress, t_start)
         except KeyboardInterrupt:
             progress.stop()
-            ckpt = self.save()
-            raise Interrupted(
-                f"interrupted at step {self.state.step}/{self.steps}; checkpoint saved to {ckpt}",
-                hint="run the same command with train.resume=auto to continue",
-            ) from None
+            note = interrupt_note(
+                self.run_dir, self.cfg.method, self.state.step, self.steps, saved=self.save()
+            )
+            raise Interrupted(note.message, hint=note.hint) from None
         progress.stop()
         if self.eval_set:
             result.eval_after = self.evaluate()
             self._log(self.state.step, result.eval_after)
             self._show_findings(progress)
         result.wall_s = time.perf_counter() - t_start
-        result.health = self.health.summary() if self.health is not None else {}
+        result.health = cadence.health_summary()
         return result
 
-    def _show_findings(self, progress: Progress) -> None:
-        for finding in self.new_findings:
-            progress.note(format_finding(finding))
-        self.new_findings.clear()
+    def _run_step(self, progress, t_start: float) -> dict[str, float]:
+        """One optimizer step with its evaluation, logging, progress and checkpoint as due."""
+        t0 = time.perf_counter()
+        metrics = self.train_step()
+        dt = time.perf_counter() - t0
+        metrics["tokens_per_s"] = metrics.pop("tokens") / max(dt, 1e-9)
+        self.state.elapsed_s = time.perf_counter() - t_start
+        step = self.state.step
+        if self.cadence.eval_due(step):
+            metrics.update(self.evaluate())
+        if self.cadence.log_due(step):
+            self._log(step, metrics)
+        progress.update(step, metrics)
+        self._show_findings(progress)
+        if self.cadence.save_due(step):
+            self.save()
+        return metrics
 
-    def _due(self, every: int | None) -> bool:
-        return bool(every) and self.state.step % every == 0
+    def _show_findings(self, progress) -> None:
+        for text in self.cadence.take_findings():
+            progress.note(text)
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.logger is not None and self.acc.is_main_process:
-            self.logger.log(step, metrics)
-        if self.health is not None:
-            self.new_findings += self.health.observe(step, metrics)
+        self.cadence.log(step, metrics)
         if self.on_eval is not None and any(k.startswith("eval/") for k in metrics):
             self.on_eval(f"step {step}", metrics)

@@ -3,7 +3,8 @@ normalised over all response tokens of the minibatch, not per micro-batch."""
 
 import torch
 
-from alignkit.train.ppo import Experience, Optim, UpdateSums, minibatch_loss
+from alignkit.train.rl.loop import Optim
+from alignkit.train.rl.ppo import Experience, UpdateSums, minibatch_loss
 from tests.ppo_utils import ppo_cfg, shared_models, toy_batch
 
 

@@ -3,7 +3,7 @@
 import torch
 from conftest import make_tiny_model
 
-from alignkit.train.ppo_models import PPOModels, make_batch, new_value_head
+from alignkit.train.rl.ppo_models import PPOModels, make_batch, new_value_head
 from tests.ppo_utils import VOCAB, shared_models, toy_batch
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from alignkit.config import load_config
 from alignkit.train.checkpoint import load_extra
 from alignkit.train.loop import Interrupted
-from alignkit.train.ppo_run import PPOState
+from alignkit.train.rl.ppo import PPO
 from alignkit.train.run import run_training
 
 TIMING = ("tokens_per_s", "rollout/tokens_per_s")
@@ -64,7 +64,7 @@ def summary_layout(summary: dict) -> str:
 
 def interrupt_at_call(monkeypatch, n: int) -> None:
     """Ctrl-C in the middle of the n-th PPO step, as a killed process would stop."""
-    real, calls = PPOState.step, {"n": 0}
+    real, calls = PPO.step, {"n": 0}
 
     def step(self, examples, opt):
         calls["n"] += 1
@@ -72,7 +72,7 @@ def interrupt_at_call(monkeypatch, n: int) -> None:
             raise KeyboardInterrupt
         return real(self, examples, opt)
 
-    monkeypatch.setattr(PPOState, "step", step)
+    monkeypatch.setattr(PPO, "step", step)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

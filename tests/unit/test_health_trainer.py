@@ -87,7 +87,7 @@ def test_train_command_writes_health_summary(tmp_path, tiny_model_dir):
 
 def test_resumed_run_rebuilds_health_from_its_metrics(tmp_path):
     from alignkit.monitor.loggers import JsonlLogger
-    from alignkit.train.run import _trim_metrics
+    from alignkit.train.session import trim_metrics
 
     def nan_model():
         model = make_tiny_model(seed=1)
@@ -105,7 +105,7 @@ def test_resumed_run_rebuilds_health_from_its_metrics(tmp_path):
     assert [json.loads(x)["step"] for x in continuous.splitlines()] == [1]
 
     # As `alignkit train` does on resume: drop rows after the checkpoint (step 2), go on.
-    _trim_metrics(run / "metrics.jsonl", run / "checkpoints" / "step-2")
+    trim_metrics(run / "metrics.jsonl", run / "checkpoints" / "step-2")
     resumed = make_trainer(nan_model(), synthetic_examples(8), run, args)
     fit = resumed.fit()
     assert fit.state.step == 4

@@ -3,7 +3,7 @@
 import pytest
 
 from alignkit.config import load_config
-from alignkit.train.kl import AdaptiveKLController, FixedKLController, make_kl_controller
+from alignkit.train.rl.kl import AdaptiveKLController, FixedKLController, make_kl_controller
 
 
 def test_adaptive_update_by_hand():

@@ -17,8 +17,8 @@ from alignkit.data.prompts import load_prompt_data
 from alignkit.errors import AlignkitError, ConfigError, DataError, ModelError
 from alignkit.rewards import final_answer, gsm8k_answer, gsm8k_format
 from alignkit.rollout.sampling import Rollout, stop_mask
-from alignkit.train.ppo import Experience, make_experience, ppo_updates
-from alignkit.train.ppo_reward import call_reward_fn, load_reward_fn, model_reward
+from alignkit.train.rl.ppo import Experience, make_experience, ppo_updates
+from alignkit.train.rl.scoring import call_reward_fn, load_reward_fn, model_reward
 from tests.ppo_utils import plain_optim, ppo_cfg, shared_models, toy_batch
 
 

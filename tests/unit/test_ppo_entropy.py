@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import alignkit.train.ppo_models as ppo_models
+import alignkit.train.rl.ppo_models as ppo_models
 from alignkit.losses.ppo import entropy_from_logits
-from alignkit.train.ppo_models import ENTROPY_CHUNK_ROWS, entropy_in_chunks, response_logps
+from alignkit.train.rl.ppo_models import ENTROPY_CHUNK_ROWS, entropy_in_chunks, response_logps
 
 
 def _inputs(n=300, h=16, v=50, seed=0):

@@ -16,22 +16,34 @@ Implementation Details of RLHF with PPO"):
 
 Dropout stays off throughout (models in eval mode), so the rollout and update log-probs of the
 same weights agree and the ratio starts at exactly 1.
+
+:class:`PPO` is this algorithm as the rollout loop (:mod:`alignkit.train.rl.loop`) runs it. Its
+checkpoint state is the KL coefficient, the minibatch-shuffle generator and the reference's
+scores on the evaluation prompts. Those scores are stored, not resampled: they are small, and
+storing them keeps the resumed summary exact however the sampling kernels behave.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from alignkit.config import RunConfig
+from alignkit.data.prompts import PromptExample
 from alignkit.losses.ppo import missing_eos_penalty, policy_loss, token_rewards, value_loss
 from alignkit.ops.advantages import gae, masked_mean, masked_whiten
 from alignkit.rollout.sampling import Rollout
-from alignkit.train.ppo_models import PPOBatch, PPOModels, make_batch
+from alignkit.train.rl.kl import make_kl_controller
+from alignkit.train.rl.loop import Optim
+from alignkit.train.rl.ppo_models import PPOBatch, PPOModels, build_ppo_models, make_batch
+from alignkit.train.rl.sampling import Sampler, eval_metrics
+from alignkit.train.rl.scoring import RewardSource
 
 
 @dataclass
@@ -159,17 +171,6 @@ class UpdateSums:
         return out
 
 
-@dataclass
-class Optim:
-    """What an update step needs from the training machinery."""
-
-    optimizer: Any
-    scheduler: Any
-    backward: Callable[[Tensor], None]
-    clip: Callable[[float], float]  # max norm -> grad norm before clipping
-    autocast: Callable[[], Any] = contextlib.nullcontext  # mixed-precision forward context
-
-
 def minibatch_loss(
     models: PPOModels, exp: Experience, idx: Tensor, pcfg, micro: int, opt: Optim,
     sums: UpdateSums,
@@ -230,3 +231,105 @@ def updates_per_step(pcfg) -> int:
     """Optimizer steps in one PPO step."""
     per_epoch = -(-pcfg.rollout_batch_size // pcfg.mini_batch_size)
     return pcfg.ppo_epochs * per_epoch
+
+
+def _mb(n: int) -> float:
+    return round(n / 2**20, 2)
+
+
+def describe_layout(models: PPOModels) -> tuple[str, dict[str, float]]:
+    """The start-of-run line about the models, and their parameter megabytes per component."""
+    sizes = {k: _mb(v) for k, v in models.component_bytes().items()}
+    text = ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items())
+    how = (
+        "policy and value are LoRA adapters on one frozen base; the reference is that base "
+        "with adapters disabled (no copy)"
+        if models.shared
+        else "separate policy, frozen reference and value models (full fine-tuning)"
+    )
+    return f"[alignkit] ppo layout {models.layout}: {how}; parameters: {text}", sizes
+
+
+class PPO:
+    """PPO for the rollout loop (:class:`alignkit.train.rl.loop.RolloutAlgorithm`)."""
+
+    def __init__(self, pcfg, tcfg, models: PPOModels, sampler: Sampler, accelerator):
+        self.pcfg, self.tcfg, self.models, self.sampler = pcfg, tcfg, models, sampler
+        self.acc = accelerator
+        self.kl = make_kl_controller(pcfg)
+        self.generator = torch.Generator().manual_seed(tcfg.seed)  # the minibatch shuffle
+        self.eval_ref: dict[str, Tensor] | None = None  # the reference's evaluation, once
+        self.layout = models.layout
+        self.describe, self.param_mb = describe_layout(models)
+
+    def trainable(self) -> nn.Module:
+        return self.models.trainable()
+
+    def updates_per_step(self) -> int:
+        return updates_per_step(self.pcfg)
+
+    def policy(self) -> AbstractContextManager[nn.Module]:
+        return self.models.as_policy()
+
+    def step(self, examples: list[PromptExample], opt: Optim) -> dict[str, float]:
+        pcfg, micro = self.pcfg, self.tcfg.batch_size
+        t0 = time.perf_counter()
+        with self.models.as_policy() as module:
+            rollout, _, scores = self.sampler.scored(module, examples)
+        t1 = time.perf_counter()
+        kl_coef = self.kl.value
+        with self.acc.autocast():
+            exp, metrics = make_experience(self.models, rollout, scores, pcfg, kl_coef, micro)
+        metrics.update(
+            ppo_updates(self.models, exp, pcfg, micro, opt, self.tcfg.max_grad_norm, self.generator)
+        )
+        t2 = time.perf_counter()
+        self.kl.update(metrics["objective/kl"], len(examples))
+        gen_tokens = int(rollout.response_mask.sum().item())
+        train_tokens = int(exp.batch.attention_mask.sum().item()) * pcfg.ppo_epochs
+        metrics.update(
+            {
+                "learning_rate": opt.scheduler.get_last_lr()[0],
+                "rollout/tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
+                "tokens_per_s": train_tokens / max(t2 - t1, 1e-9),
+                "tokens": train_tokens,
+            }
+        )
+        return metrics
+
+    def evaluate(self, prompts: list[PromptExample]) -> dict[str, float]:
+        """Policy against reference on the same prompts and seed; the reference is sampled
+        once per run (its weights never change) and kept."""
+        seed = self.tcfg.seed + 1
+        if self.eval_ref is None:
+            self.eval_ref = self.sampler.evaluate(self.models.as_reference(), prompts, seed)
+        pol = self.sampler.evaluate(self.models.as_policy(), prompts, seed)
+        return eval_metrics(pol, self.eval_ref)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kl": self.kl.state_dict(),
+            "generator": self.generator.get_state(),
+            "eval_ref": self.eval_ref,  # {"scores", "length", "eos"}: (N,) CPU tensors, or None
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl.load_state_dict(state["kl"])
+        self.generator.set_state(state["generator"])
+        self.eval_ref = state["eval_ref"]
+
+    def save_final(self, out_dir: Path) -> None:
+        self.models.save(self.sampler.tokenizer, out_dir)
+
+    def summary_extras(self) -> dict[str, Any]:
+        return {"kl_coef_final": self.kl.value}
+
+
+def build_ppo(cfg: RunConfig, tokenizer, reward: RewardSource, accelerator) -> PPO:
+    """PPO's models in their layout, with dropout off: rollout and update log-probs agree."""
+    from alignkit.rollout.generate import stop_token_ids
+
+    models = build_ppo_models(cfg, accelerator.device)
+    models.train(False)
+    stops = stop_token_ids(tokenizer, models.policy)
+    return PPO(cfg.ppo, cfg.train, models, Sampler(tokenizer, reward, cfg.ppo, stops), accelerator)

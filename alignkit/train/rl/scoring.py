@@ -1,4 +1,7 @@
-"""Where PPO's scores come from: a reward model (or ensemble), or a Python function.
+"""Scores for rollouts of any online method: a reward model (or ensemble), or a Python function.
+
+The method's config section names the source (`ppo.reward_model` or `ppo.reward_fn`, and the
+same keys in the section of any other online method).
 
 A function is named `module:function` and called as
 ``fn(prompts: list[str], responses: list[str], examples: list[dict]) -> sequence of floats``
@@ -22,9 +25,9 @@ from alignkit.errors import AlignkitError, ConfigError, ModelError
 RewardFn = Callable[[list[str], list[str], list[dict]], Sequence[float]]
 
 
-def load_reward_fn(spec: str) -> RewardFn:
-    """Import `module:function`; ConfigError when it cannot be found or is not callable."""
-    where = "ppo.reward_fn"
+def load_reward_fn(spec: str, where: str = "ppo.reward_fn") -> RewardFn:
+    """Import `module:function`; ConfigError when it cannot be found or is not callable.
+    `where` is the config key that named it."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(
@@ -121,8 +124,8 @@ class RewardSource:
         return self._score(examples, responses).detach().float().cpu()
 
 
-def function_reward(spec: str) -> RewardSource:
-    fn = load_reward_fn(spec)
+def function_reward(spec: str, where: str = "ppo.reward_fn") -> RewardSource:
+    fn = load_reward_fn(spec, where)
 
     def score(examples: list[PromptExample], responses: list[str]) -> Tensor:
         return call_reward_fn(
@@ -132,8 +135,11 @@ def function_reward(spec: str) -> RewardSource:
     return RewardSource(score, f"reward function {spec}")
 
 
-def model_reward(ppo_cfg, policy_tokenizer: Any, device, *, batch_size: int = 8) -> RewardSource:
-    """A reward model or ensemble through `alignkit.models.reward`, checked and normalised."""
+def model_reward(
+    section, policy_tokenizer: Any, device, *, batch_size: int = 8, name: str = "ppo"
+) -> RewardSource:
+    """A reward model or ensemble through `alignkit.models.reward`, checked and normalised.
+    `section` is the method's config section (`name`: its key, for error messages)."""
     try:
         rm = importlib.import_module("alignkit.models.reward")
     except ModuleNotFoundError as exc:
@@ -141,28 +147,28 @@ def model_reward(ppo_cfg, policy_tokenizer: Any, device, *, batch_size: int = 8)
             raise
         raise ConfigError(
             "reward models are not available in this installation",
-            where="ppo.reward_model",
-            hint="use ppo.reward_fn with a module:function reward",
+            where=f"{name}.reward_model",
+            hint=f"use {name}.reward_fn with a module:function reward",
         ) from None
-    paths = list(ppo_cfg.reward_model)
-    ensemble_norm = ppo_cfg.normalize_reward and len(paths) > 1
+    paths = list(section.reward_model)
+    ensemble_norm = section.normalize_reward and len(paths) > 1
     if ensemble_norm:  # each member standardised with its own stats before combining
         members = [rm.load_reward_model(p, device=device) for p in paths]
-        scorer = rm.RewardEnsemble(members, ppo_cfg.reward_combine, normalize=True)
+        scorer = rm.RewardEnsemble(members, section.reward_combine, normalize=True)
     else:
-        scorer = rm.load_reward_models(paths, combine=ppo_cfg.reward_combine, device=device)
+        scorer = rm.load_reward_models(paths, combine=section.reward_combine, device=device)
     for member in getattr(scorer, "scorers", [scorer]):
-        check_tokenizer(policy_tokenizer, member.tokenizer, "reward model", "ppo.reward_model")
+        check_tokenizer(policy_tokenizer, member.tokenizer, "reward model", f"{name}.reward_model")
     mean, std = 0.0, 1.0
-    if ppo_cfg.normalize_reward and not ensemble_norm:
+    if section.normalize_reward and not ensemble_norm:
         stats = getattr(scorer, "stats", None)
         if not stats:
             raise ConfigError(
-                "ppo.normalize_reward needs the reward model's recorded mean and std, and "
+                f"{name}.normalize_reward needs the reward model's recorded mean and std, and "
                 f"{', '.join(paths)} has none",
-                where="ppo.normalize_reward",
+                where=f"{name}.normalize_reward",
                 hint="use a reward model trained by alignkit (it records them), or set "
-                "ppo.normalize_reward=false",
+                f"{name}.normalize_reward=false",
             )
         mean, std = float(stats["mean"]), max(float(stats["std"]), 1e-6)
 
@@ -171,11 +177,14 @@ def model_reward(ppo_cfg, policy_tokenizer: Any, device, *, batch_size: int = 8)
         return (raw.float().cpu() - mean) / std
 
     what = "ensemble" if len(paths) > 1 else "reward model"
-    norm = f", normalised with mean {mean:.3f} std {std:.3f}" if ppo_cfg.normalize_reward else ""
+    norm = f", normalised with mean {mean:.3f} std {std:.3f}" if section.normalize_reward else ""
     return RewardSource(score, f"{what} {', '.join(paths)}{norm}")
 
 
-def make_reward(cfg, policy_tokenizer: Any, device) -> RewardSource:
-    if cfg.ppo.reward_fn:
-        return function_reward(cfg.ppo.reward_fn)
-    return model_reward(cfg.ppo, policy_tokenizer, device, batch_size=cfg.train.batch_size)
+def make_reward(
+    section, policy_tokenizer: Any, device, *, batch_size: int, name: str = "ppo"
+) -> RewardSource:
+    """The score source a method's config section names: `reward_fn`, else `reward_model`."""
+    if section.reward_fn:
+        return function_reward(section.reward_fn, f"{name}.reward_fn")
+    return model_reward(section, policy_tokenizer, device, batch_size=batch_size, name=name)
