@@ -21,7 +21,7 @@ import pytest
 
 from alignkit.monitor.report import write_report
 from alignkit.monitor.report_svg import PALETTE
-from tests.unit.test_report import EVAL_STEPS, TRAIN_STEPS, make_run_dir
+from tests.unit.monitor.test_report import EVAL_STEPS, TRAIN_STEPS, make_run_dir
 
 WIDTH, HEIGHT = 1280, 2000
 

@@ -19,6 +19,9 @@ import pytest
 from alignkit.eval.judge import OpenAIJudge, parse_verdict
 from alignkit.eval.winrate import prompt_record, win_rate
 
+# The real default model's GGUF, served by llama.cpp: a real-model test, outside the fast tier.
+pytestmark = pytest.mark.e2e
+
 STARTUP_S = 90
 PROMPTS = ["What is the capital of France?", "Name a primary colour."]
 MODEL_ANSWERS = ["The capital of France is Paris.", "Blue is a primary colour."]
