@@ -340,13 +340,22 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)"),
     port: int = typer.Option(8000, help="port to listen on"),
     max_new_tokens: int = typer.Option(512, help="default and ceiling for a reply's max_tokens"),
+    api_key: str = typer.Option(
+        None,
+        "--api-key",
+        envvar="ALIGNKIT_API_KEY",
+        show_default=False,
+        help="require 'Authorization: Bearer KEY' (an OpenAI client's api_key) on every request",
+    ),
 ) -> None:
     """Serve a model behind an OpenAI-compatible API: /v1/chat/completions and /v1/models."""
     from alignkit.models import load_for_inference
-    from alignkit.serve import ChatEngine, make_server, serve_forever
+    from alignkit.serve import ChatEngine, exposure_warning, make_server, serve_forever
 
     try:
-        server = make_server(None, host, port)  # a taken port fails before the model loads
+        server = make_server(None, host, port, api_key)  # a taken port fails before loading
+        if warning := exposure_warning(server):
+            _log(warning)
         mdl, tok = load_for_inference(_final_dir(model), "cuda" if _cuda() else "cpu")
         server.engine = ChatEngine(mdl, tok, model, max_new_tokens)
     except AlignkitError as exc:
