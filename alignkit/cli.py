@@ -7,6 +7,7 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import typer
 from pydantic import ValidationError
@@ -127,36 +128,44 @@ def quickstart(
 
 @data_app.command("check")
 def data_check(
-    file: str = typer.Argument(..., help="data file or datasets hub name"),
-    method: str = typer.Option("sft", help=f"the method the data is for: {', '.join(METHODS)}"),
-    model: str = typer.Option("smollm2-135m", help="model whose tokenizer and template to use"),
-    max_length: int = typer.Option(1024, "--max-length", help="token limit per example"),
-    fmt: str = typer.Option("auto", "--format", help="force a format instead of detecting it"),
-    column_map: list[str] = typer.Option(None, "--column-map", help="FIELD=CANONICAL, repeatable"),
-    truncation: str = typer.Option("drop", help="drop | truncate | error"),
-    max_new_tokens: int = typer.Option(
-        128, "--max-new-tokens", help="ppo: response length; prompts get max-length minus this"
+    file: str = typer.Argument(None, help="data file or datasets hub name [default: data.train]"),
+    config: Path = typer.Option(
+        None, "--config", help="run config: method, model, data and the method's knobs from it"
     ),
+    method: str = typer.Option(
+        None, help=f"the method the data is for: {', '.join(METHODS)} [default: sft]"
+    ),
+    model: str = typer.Option(None, help="model whose tokenizer and template to use"),
+    max_length: int = typer.Option(None, "--max-length", help="token limit per example [1024]"),
+    fmt: str = typer.Option(None, "--format", help="force a format instead of detecting it"),
+    column_map: list[str] = typer.Option(None, "--column-map", help="FIELD=CANONICAL, repeatable"),
+    truncation: str = typer.Option(None, help="drop | truncate | error [default: drop]"),
+    max_new_tokens: int = typer.Option(
+        None, "--max-new-tokens", help="ppo: response length; prompts get max-length minus this"
+    ),
+    beta: float = typer.Option(None, help="the method's beta, for advice on it [its default]"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Preflight a data file: format, lengths, truncation, duplicates, label mask."""
-    from alignkit.config import DataConfig, ModelConfig, PPOConfig
+    """Preflight a data file: format, lengths, truncation, duplicates, label mask, advice."""
     from alignkit.data import preflight_for, render_report
-    from alignkit.methods import spec
+    from alignkit.data.preflight_advice import RunSettings, advise
     from alignkit.models import load_tokenizer
 
+    data_opts = {"train": file, "format": fmt, "max_length": max_length, "truncation": truncation}
     try:
-        kind = spec(method).data  # the method table's data kind picks the preflight
-        cmap = dict(_split_pair(p) for p in column_map or [])
-        dcfg = DataConfig(
-            train=file, format=fmt, column_map=cmap, max_length=max_length, truncation=truncation
-        )
-        tok = load_tokenizer(ModelConfig(name=model))
-        check = preflight_for(kind)
-        if kind == "prompts":  # the responses are generated during training: leave them room
-            n = PPOConfig(max_new_tokens=max_new_tokens).max_new_tokens
-            check = partial(check, max_new_tokens=n)
-        report = check(dcfg, tok)
+        if column_map:
+            data_opts["column_map"] = dict(_split_pair(p) for p in column_map)
+        setup = _check_setup(config, method, model, beta, max_new_tokens, data_opts)
+        tok = load_tokenizer(setup.model)
+        check = preflight_for(setup.method.data)  # the method table's data kind picks it
+        if setup.method.data == "prompts":  # responses are generated in training: leave room
+            check = partial(
+                check,
+                max_new_tokens=setup.knobs.max_new_tokens,
+                system_prompt=setup.knobs.system_prompt,
+            )
+        report = check(setup.data, tok)
+        advise(report, RunSettings(setup.method, setup.knobs, bool(tok.chat_template)))
     except AlignkitError as exc:
         _fail(exc)
     except ValidationError as exc:  # pydantic validation of the options
@@ -167,6 +176,40 @@ def data_check(
         render_report(report, out)
     if report.problems:
         raise typer.Exit(1)
+
+
+class _CheckSetup(NamedTuple):
+    method: Any  # the method table's row
+    model: Any  # ModelConfig
+    data: Any  # DataConfig
+    knobs: Any  # the method's config section
+
+
+def _check_setup(config, method, model, beta, max_new_tokens, data_opts) -> _CheckSetup:
+    """What `data check` checks against: the run config's (if any), each given option on top."""
+    from alignkit.config import DataConfig, ModelConfig, load_config
+    from alignkit.methods import spec
+
+    run = load_config(config) if config else None
+    row = spec(method or (run.method if run else "sft"))
+    mcfg = run.model if run else ModelConfig()
+    if model:
+        mcfg = mcfg.model_copy(update={"name": model})
+    given = {k: v for k, v in data_opts.items() if v is not None}
+    dcfg = DataConfig.model_validate({**(run.data.model_dump() if run else {}), **given})
+    if not dcfg.train:
+        raise AlignkitError("no data file given", hint="pass FILE, or --config with data.train")
+    knobs = getattr(run, row.section) if run else row.knobs()
+    updates = {"beta": beta, "max_new_tokens": max_new_tokens}
+    for key, value in updates.items():
+        if value is None:
+            continue
+        if key not in row.knobs.model_fields:
+            raise AlignkitError(
+                f"--{key.replace('_', '-')}: {row.name} has no {key}", hint="leave it out"
+            )
+        knobs = row.knobs.model_validate({**knobs.model_dump(by_alias=True), key: value})
+    return _CheckSetup(row, mcfg, dcfg, knobs)
 
 
 def _option_error(exc: ValidationError) -> AlignkitError:
@@ -300,13 +343,22 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)"),
     port: int = typer.Option(8000, help="port to listen on"),
     max_new_tokens: int = typer.Option(512, help="default and ceiling for a reply's max_tokens"),
+    api_key: str = typer.Option(
+        None,
+        "--api-key",
+        envvar="ALIGNKIT_API_KEY",
+        show_default=False,
+        help="require 'Authorization: Bearer KEY' (an OpenAI client's api_key) on every request",
+    ),
 ) -> None:
     """Serve a model behind an OpenAI-compatible API: /v1/chat/completions and /v1/models."""
     from alignkit.models import load_for_inference
-    from alignkit.serve import ChatEngine, make_server, serve_forever
+    from alignkit.serve import ChatEngine, exposure_warning, make_server, serve_forever
 
     try:
-        server = make_server(None, host, port)  # a taken port fails before the model loads
+        server = make_server(None, host, port, api_key)  # a taken port fails before loading
+        if warning := exposure_warning(server):
+            _log(warning)
         mdl, tok = load_for_inference(_final_dir(model), "cuda" if _cuda() else "cpu")
         server.engine = ChatEngine(mdl, tok, model, max_new_tokens)
     except AlignkitError as exc:

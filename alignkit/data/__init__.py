@@ -22,6 +22,7 @@ from alignkit.data.formats import (
     validate_messages,
 )
 from alignkit.data.io import LocatedRecords, read_located, read_records
+from alignkit.data.kto_preflight import preflight_kto
 from alignkit.data.pair_batching import (
     collate_pairs,
     collate_pairs_shared,
@@ -139,14 +140,15 @@ __all__ = [
     "tokenize_pair",
     "preflight_for",
     "preflight_prompts",
+    "preflight_kto",
 ]
 
-# The preflight of each data kind of the method table (alignkit.methods): KTO's unpaired kind
-# reads preference pairs too (split on load).
+# The preflight of each data kind of the method table (alignkit.methods), each reading what that
+# kind's loader reads: KTO's unpaired kind takes its own rows and preference pairs (split).
 PREFLIGHTS = {
     "sft": preflight_sft,
     "pairs": preflight_preference,
-    "unpaired": preflight_preference,
+    "unpaired": preflight_kto,
     "prompts": preflight_prompts,
 }
 

@@ -73,7 +73,7 @@ def preflight_preference(
         rendered.append(texts)
         wheres.append(where)
     report.valid_rows = len(pairs)
-    _report_conversion(report, errors)
+    report_conversion(report, errors)
     if not pairs:
         report.problems.append("no usable pair: nothing to train on")
         return report
@@ -81,14 +81,16 @@ def preflight_preference(
     _measure(report, ids, cfg)
     _apply_policy(report, pairs, ids, wheres, cfg)
     _check_content(report, pairs)
-    _check_end_of_turn(report, ids, tokenizer)
+    check_end_of_turn(report, ids, tokenizer)
     _example(report, rendered, ids, cfg)
     if cfg.eval:
         _check_eval(report, cfg)
     return report
 
 
-def _report_conversion(report: PreflightReport, errors: list[str]) -> None:
+def report_conversion(report: PreflightReport, errors: list[str]) -> None:
+    """Rows that do not convert are a problem (training stops at the first); pairs whose
+    prompts differ are dropped by training, a warning."""
     if errors:
         listed = "; ".join(errors[:MAX_LISTED_ERRORS])
         more = len(errors) - MAX_LISTED_ERRORS
@@ -199,8 +201,10 @@ def _check_content(report: PreflightReport, pairs: list[Pair]) -> None:
         report.warnings.append(f"{report.duplicates} pairs are exact duplicates of another pair")
 
 
-def _check_end_of_turn(report: PreflightReport, ids: list[list[list[int]]], tokenizer: Any) -> None:
-    """Every response should end in the template's end-of-turn token, one generation stops on."""
+def check_end_of_turn(report: PreflightReport, ids: list[list[list[int]]], tokenizer: Any) -> None:
+    """Every response should end in the template's end-of-turn token, one generation stops on.
+
+    `ids` rows are [prompt ids, response ids...], any number of responses (KTO has one)."""
     ends = Counter(resp[-1] for _, *responses in ids for resp in responses if resp)
     if not ends:
         return

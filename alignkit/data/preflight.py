@@ -85,6 +85,9 @@ class PreflightReport:
     # PPO prompts (kind="prompts"): stats is then a PromptStats, `example` the rendered prompt.
     prompt_budget: int | None = None  # data.max_length minus ppo.max_new_tokens
     empty_prompts: int = 0
+    # KTO examples (kind="unpaired"): stats is a PairStats counting examples (a pair gives two).
+    desirable: int = 0  # kept examples labelled desirable
+    undesirable: int = 0
 
     @property
     def ok(self) -> bool:
@@ -381,14 +384,16 @@ def render_report(report: PreflightReport, console: Any) -> None:
     from rich.text import Text
 
     preference = report.kind == "preference"
-    titles = {"preference": "Preference data preflight", "prompts": "PPO prompt preflight"}
+    titles = {
+        "preference": "Preference data preflight",
+        "prompts": "PPO prompt preflight",
+        "unpaired": "KTO data preflight",
+    }
     summary = Table(title=titles.get(report.kind, "SFT data preflight"), show_header=False)
     summary.add_column("", style="bold")
     summary.add_column("")
-    if report.kind == "prompts":
-        rows = _prompt_rows(report)
-    else:
-        rows = _preference_rows(report) if preference else _sft_rows(report)
+    rows_of = {"prompts": _prompt_rows, "preference": _preference_rows, "unpaired": _kto_rows}
+    rows = rows_of.get(report.kind, _sft_rows)(report)
     rows += [("eval rows", str(report.eval_rows))] if report.eval_rows is not None else []
     for key, value in rows:
         summary.add_row(key, Text(value))  # a path or token is text: "[/x]" is not markup
@@ -462,6 +467,29 @@ def _preference_rows(report: PreflightReport) -> list[tuple[str, str]]:
     ]
 
 
+def _kto_rows(report: PreflightReport) -> list[tuple[str, str]]:
+    s = report.stats
+    return [
+        ("source", report.source),
+        ("format", report.format),
+        ("rows read / usable rows", f"{report.rows} / {report.valid_rows}"),
+        ("examples kept for training", str(s.kept)),
+        ("desirable / undesirable", f"{report.desirable} / {report.undesirable}"),
+        (
+            f"truncation={report.truncation}",
+            f"{s.dropped_too_long} dropped, {s.truncated} prompts cut, "
+            f"{report.damaged} damaged (a completion alone fills max_length)",
+        ),
+        ("pairs whose prompts differ (dropped)", str(report.prompt_mismatch)),
+        ("duplicate examples", str(report.duplicates)),
+        ("empty completions", str(report.empty_targets)),
+        (
+            "end-of-turn token",
+            f"{report.eot_token} ({'in' if report.eot_in_loss else 'NOT in'} the completions)",
+        ),
+    ]
+
+
 def _lengths_table(report: PreflightReport, table_cls: Any) -> Any:
     table = table_cls(title=f"Tokens per row (max_length={report.max_length})")
     # PPO prompts are held to the budget the response leaves, not to max_length itself
@@ -474,7 +502,10 @@ def _lengths_table(report: PreflightReport, table_cls: Any) -> Any:
         cells = [stats.min, stats.p50, stats.p90, stats.p99, stats.max]
         styled = [f"[red]{v}[/red]" if name == flagged and v > limit else str(v) for v in cells]
         table.add_row(name, *styled)
-    what = "pairs (prompt + longest response)" if report.kind == "preference" else "rows"
+    what = {
+        "preference": "pairs (prompt + longest response)",
+        "unpaired": "examples (prompt + completion)",
+    }.get(report.kind, "rows")
     table.caption = f"{report.over_max_length} {what} longer than max_length"
     if prompts:
         table.caption = f"{report.over_max_length} prompts longer than the prompt budget ({limit})"

@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
 
 from alignkit.errors import AlignkitError
+from alignkit.eval.samples import Prompt, prompt_text
 
 Verdict = Literal["first", "second", "tie"] | None
 
@@ -30,9 +31,21 @@ SYSTEM_PROMPT = (
 )
 
 USER_TEMPLATE = (
-    "[User request]\n{prompt}\n\n[Answer A]\n{first}\n\n[Answer B]\n{second}\n\n"
+    "{request}\n\n[Answer A]\n{first}\n\n[Answer B]\n{second}\n\n"
     'Which answer is better? Reply with exactly "A", "B" or "tie".'
 )
+
+
+def judge_messages(prompt: Prompt, first: str, second: str) -> list[dict[str, str]]:
+    """The chat asking the judge to compare `first` and `second` as answers to `prompt`; a
+    conversation is shown whole, since what a good next turn is depends on the earlier ones."""
+    if isinstance(prompt, str):
+        request = f"[User request]\n{prompt}"
+    else:
+        request = "[Conversation; each answer is the assistant's next turn]\n" + prompt_text(prompt)
+    user = USER_TEMPLATE.format(request=request, first=first, second=second)
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
 
 _VERDICTS: dict[str, Verdict] = {"a": "first", "b": "second", "tie": "tie"}
 # Wrapping a model may put around its one word: "**A**", "'tie'", "A.", "Answer: B", "[[A]]"
@@ -145,10 +158,8 @@ class OpenAIJudge:
             timeout=timeout_s,
         )
 
-    def compare(self, prompt: str, first: str, second: str) -> Verdict:
-        user = USER_TEMPLATE.format(prompt=prompt, first=first, second=second)
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-        self.last_answer = self._ask(messages)
+    def compare(self, prompt: Prompt, first: str, second: str) -> Verdict:
+        self.last_answer = self._ask(judge_messages(prompt, first, second))
         return parse_verdict(self.last_answer)
 
     def _ask(self, messages: list[dict[str, str]]) -> str | None:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
+from alignkit.eval.samples import Prompt, prompt_key
+
 if TYPE_CHECKING:
     from alignkit.eval.judge import Verdict
 
@@ -33,15 +35,22 @@ class RewardModelJudge:
         self.scorer = scorer
         self.tie_tolerance = tie_tolerance
         self.batch_size = batch_size
-        self._cache: dict[tuple[str, str], float] = {}
+        self._cache: dict[tuple[str, str], float] = {}  # (prompt_key, response) -> score
 
-    def prefetch(self, prompts: list[str], responses: list[str]) -> Tensor:
+    def prefetch(self, prompts: list[Prompt], responses: list[str]) -> Tensor:
         """(N,) scores of each (prompt, response), scoring only the ones not cached yet."""
-        keys = list(zip(prompts, responses, strict=True))
-        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        keys = [(prompt_key(p), r) for p, r in zip(prompts, responses, strict=True)]
+        # each uncached key once, with its prompt as given: a conversation is scored whole
+        pending: dict[tuple[str, str], tuple[Prompt, str]] = {}
+        for key, prompt, response in zip(keys, prompts, responses, strict=True):
+            if key not in self._cache:
+                pending.setdefault(key, (prompt, response))
+        todo = list(pending)
         if todo:
             scores = self.scorer.score(
-                [p for p, _ in todo], [r for _, r in todo], batch_size=self.batch_size
+                [p for p, _ in pending.values()],
+                [r for _, r in pending.values()],
+                batch_size=self.batch_size,
             )
             if scores.shape != (len(todo),):
                 raise ValueError(
@@ -52,7 +61,7 @@ class RewardModelJudge:
                 self._cache[key] = float(value)
         return torch.tensor([self._cache[k] for k in keys], dtype=torch.float32)
 
-    def compare(self, prompt: str, first: str, second: str) -> Verdict:
+    def compare(self, prompt: Prompt, first: str, second: str) -> Verdict:
         s1, s2 = self.prefetch([prompt, prompt], [first, second]).tolist()
         return verdict_from_scores(s1, s2, self.tie_tolerance)
 

@@ -21,7 +21,14 @@ from alignkit.data.io import LocatedRecords, read_located
 from alignkit.errors import AlignkitError, DataError
 from alignkit.eval import tasks
 from alignkit.eval.loading import EvalModels, Which, load_eval_models
-from alignkit.eval.samples import prompts_from_rows, side_by_side
+from alignkit.eval.samples import (
+    Prompt,
+    prompt_key,
+    prompt_title,
+    prompts_from_rows,
+    side_by_side,
+    unique_prompts,
+)
 
 TASKS = ("auto", "preference", "gsm8k", "multiple_choice", "win_rate", "samples")
 DEFAULT_BETA = 0.1
@@ -137,11 +144,12 @@ class Answers:
         self.models, self.opts, self.log = models, opts, log
         self._cache: dict[Which, dict[str, str]] = {"model": {}, "reference": {}}
 
-    def get(self, which: Which, prompts: list[str]) -> list[str]:
+    def get(self, which: Which, prompts: list[Prompt]) -> list[str]:
+        """One answer per prompt; a conversational prompt is answered with every turn in view."""
         from alignkit.rollout.generate import generate_chat
 
         cache = self._cache[which]
-        todo = list(dict.fromkeys(p for p in prompts if p not in cache))
+        todo = unique_prompts([p for p in prompts if prompt_key(p) not in cache])
         if todo:
             self.log(f"[alignkit] generating {len(todo)} answers with the {which}")
             with self.models.use(which) as module:
@@ -152,8 +160,8 @@ class Answers:
                     max_new_tokens=self.opts.max_new_tokens,
                     batch_size=self.opts.batch_size,
                 )
-            cache.update({g.prompt: g.text for g in gens})
-        return [cache[p] for p in prompts]
+            cache.update({prompt_key(p): g.text for p, g in zip(todo, gens, strict=True)})
+        return [cache[prompt_key(p)] for p in prompts]
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -232,7 +240,7 @@ def run_eval(
 
 def collect_samples(ctx: tasks.TaskContext, files: list[DataFile], n: int) -> list[dict]:
     """The first n prompts across the data files, answered by both models."""
-    prompts: list[str] = []
+    prompts: list[Prompt] = []
     for f in files:
         try:
             prompts.extend(prompts_from_rows(f.rows.records, f.source))
@@ -241,7 +249,7 @@ def collect_samples(ctx: tasks.TaskContext, files: list[DataFile], n: int) -> li
                 raise
         if len(prompts) >= n:
             break
-    prompts = list(dict.fromkeys(prompts))[:n]
+    prompts = unique_prompts(prompts)[:n]
     if not prompts:
         raise DataError(
             "--samples found no prompts in the data files",
@@ -305,7 +313,7 @@ def render_report(report: EvalReport, console: Any) -> None:
         if res["details"].get("error"):
             console.print(Text(f"incomplete: {res['details']['error']}", style="yellow"))
     for s in report.samples:
-        console.rule(Text(s["prompt"][:80]), style="dim")
+        console.rule(Text(prompt_title(s["prompt"])[:80]), style="dim")
         if s["reference"] is not None:
             console.print(Text.assemble(("reference: ", "bold"), s["reference"]))
         console.print(Text.assemble(("model:     ", "bold"), s["model"]))

@@ -7,7 +7,13 @@ never touch torch, and importing peft/transformers would cost them seconds at st
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
+
+# bitsandbytes (imported by peft whenever it is installed) tries to fetch a CPU kernel from the
+# hub on import and warns when it cannot, then falls back to its own: nothing a user can act on.
+# Set before any model module imports peft; that logger's errors and other loggers still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "DEFAULT_MODEL": "resolve",

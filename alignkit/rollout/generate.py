@@ -7,9 +7,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+# A user message, or a whole conversation (system and earlier turns) whose last turn is answered
+Prompt = str | list[dict[str, str]]
+
 
 class Generation(NamedTuple):
-    prompt: str
+    prompt: Prompt
     text: str  # the response, special tokens removed
     num_tokens: int
     ended: bool  # True when the model emitted its end-of-turn/EOS token
@@ -28,18 +31,20 @@ def stop_token_ids(tokenizer, model: nn.Module | None = None) -> list[int]:
     return sorted(ids)
 
 
-def render_prompts(tokenizer, prompts: list[str], system: str | None = None) -> list[str]:
+def render_prompts(tokenizer, prompts: list[Prompt], system: str | None = None) -> list[str]:
+    """Each prompt rendered with the chat template and its generation prompt; a conversation
+    keeps every turn (`system` goes first only if it has no system message of its own)."""
     texts = []
     for p in prompts:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": p}
-        ]
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        if system and not any(m["role"] == "system" for m in msgs):
+            msgs = [{"role": "system", "content": system}, *msgs]
         if getattr(tokenizer, "chat_template", None):
             texts.append(
                 tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             )
-        else:
-            texts.append(p)
+        else:  # no template: the turns' text, one per paragraph
+            texts.append("\n\n".join(m["content"] for m in msgs) if not isinstance(p, str) else p)
     return texts
 
 
@@ -47,7 +52,7 @@ def render_prompts(tokenizer, prompts: list[str], system: str | None = None) -> 
 def generate_chat(
     model: nn.Module,
     tokenizer,
-    prompts: list[str],
+    prompts: list[Prompt],
     *,
     max_new_tokens: int = 128,
     temperature: float = 0.0,

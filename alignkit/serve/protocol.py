@@ -8,6 +8,7 @@ raise their usual ``BadRequestError`` instead of failing on a closed connection.
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
@@ -21,15 +22,41 @@ MAX_STOPS = 4  # OpenAI's limit on `stop` sequences
 class RequestError(Exception):
     """A request the server refuses, with the fields of OpenAI's error object."""
 
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.status = status
+        self.code = code
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": None}}
+        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        return {"error": error}
+
+
+def check_api_key(authorization: str | None, api_key: str) -> None:
+    """Accept the request only with `Authorization: Bearer <api_key>`, as OpenAI clients send it;
+    anything else is OpenAI's 401 `invalid_api_key` error."""
+    scheme, _, given = (authorization or "").partition(" ")
+    # compare_digest: the time taken does not tell how much of a guessed key was right
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), api_key.encode()
+    ):
+        what = "a wrong API key" if authorization else "no API key"
+        raise RequestError(
+            f"{what} was given: send the server's key as 'Authorization: Bearer KEY' (the "
+            "api_key of an OpenAI client)",
+            status=401,
+            code="invalid_api_key",
+        )
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server for one model, on the standard library's http.server.
 
-Routes: ``POST /v1/chat/completions`` (plain JSON or server-sent events) and ``GET /v1/models``.
+Routes: ``POST /v1/chat/completions`` (plain JSON or server-sent events) and ``GET /v1/models``,
+each behind ``Authorization: Bearer KEY`` when the server has an API key.
 Each connection gets a thread (ThreadingHTTPServer), while the engine's lock lets one generation
 run at a time: enough for trying a model, judging and evaluation, with no web framework to
 install. Responses use HTTP/1.0 semantics (the connection closes after each reply), so a stream
@@ -9,6 +10,7 @@ needs neither a length nor chunked encoding.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 import time
@@ -18,6 +20,7 @@ from typing import Any
 from alignkit.serve.engine import ChatEngine
 from alignkit.serve.protocol import (
     RequestError,
+    check_api_key,
     chunk_body,
     completion_body,
     models_body,
@@ -32,10 +35,18 @@ MAX_BODY = 16 * 1024 * 1024  # bytes; a chat request is far smaller
 class ChatServer(ThreadingHTTPServer):
     daemon_threads = True  # a client holding a connection open does not block shutdown
 
-    def __init__(self, address: tuple[str, int], engine: ChatEngine | None):
+    def __init__(
+        self, address: tuple[str, int], engine: ChatEngine | None, api_key: str | None = None
+    ):
         super().__init__(address, ChatHandler)
         self.engine = engine  # may be set after binding, so a taken port fails before loading
+        self.api_key = api_key or None  # None: every request is served
         self.created = int(time.time())
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether only this machine can connect (the bound address is a loopback one)."""
+        return ipaddress.ip_address(self.server_address[0]).is_loopback
 
     @property
     def base_url(self) -> str:
@@ -52,7 +63,20 @@ class ChatHandler(BaseHTTPRequestHandler):
         # One short line per request on stderr, without the base class's reverse DNS lookup
         sys.stderr.write(f"[alignkit serve] {self.address_string()} {format % args}\n")
 
+    def _authorized(self) -> bool:
+        """With an API key set, every route (/v1/models too) needs it; answers 401 if missing."""
+        if self.server.api_key is None:
+            return True
+        try:
+            check_api_key(self.headers.get("Authorization"), self.server.api_key)
+        except RequestError as exc:
+            self._error(exc)
+            return False
+        return True
+
     def do_GET(self) -> None:
+        if not self._authorized():
+            return
         path = self.path.split("?", 1)[0].rstrip("/")
         if path in ("/v1/models", "/models"):
             self._json(200, models_body(self.server.engine.name, self.server.created))
@@ -60,6 +84,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             self._error(RequestError(f"no route GET {self.path}", status=404))
 
     def do_POST(self) -> None:
+        if not self._authorized():
+            return
         path = self.path.split("?", 1)[0].rstrip("/")
         if path not in ("/v1/chat/completions", "/chat/completions"):
             self._error(RequestError(f"no route POST {self.path}", status=404))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import threading
+import types
 import urllib.error
 import urllib.request
 
@@ -194,3 +196,91 @@ def test_unknown_route_is_404(server):
         urllib.request.urlopen(server.base_url + "/completions/legacy", timeout=30)
     assert info.value.code == 404
     assert "no route" in json.loads(info.value.read())["error"]["message"]
+
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_model_dir):
+    model, tok = load_for_inference(tiny_model_dir, "cpu")
+    engine = ChatEngine(model, tok, "tiny", max_new_tokens=4)
+    srv = make_server(engine, "127.0.0.1", 0, api_key=KEY)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def keyed_client(server, key):
+    return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=30)
+
+
+def test_api_key_right_key_is_served(keyed_server):
+    client = keyed_client(keyed_server, KEY)
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2)
+    assert r.usage.completion_tokens == 2
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_api_key_wrong_key_is_401(keyed_server):
+    client = keyed_client(keyed_server, "sk-wrong")
+    with pytest.raises(openai.AuthenticationError) as info:
+        client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2)
+    assert info.value.status_code == 401
+    assert info.value.body["code"] == "invalid_api_key"
+    assert "Authorization: Bearer KEY" in info.value.body["message"]
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_api_key_missing_is_401_for_every_route(keyed_server):
+    body = json.dumps({"messages": MSGS, "max_tokens": 2}).encode()
+    for req in (
+        urllib.request.Request(keyed_server.base_url + "/chat/completions", data=body),
+        urllib.request.Request(keyed_server.base_url + "/models"),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=30)
+        assert info.value.code == 401
+        error = json.loads(info.value.read())["error"]
+        assert error["code"] == "invalid_api_key" and error["message"].startswith("no API key")
+
+
+def test_cli_takes_the_key_from_the_environment(tiny_model_dir):
+    cmd = [sys.executable, "-m", "alignkit", "serve", "--model", tiny_model_dir, "--port", "0"]
+    env = {**os.environ, "ALIGNKIT_API_KEY": KEY}
+    proc = subprocess.Popen(
+        cmd + ["--max-new-tokens", "2"], stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server exited before listening"
+            assert "without an API key" not in line  # loopback only
+        url = re.search(r"(http://\S+/v1)", line).group(1)
+        server = types.SimpleNamespace(base_url=url)
+        with pytest.raises(openai.AuthenticationError):
+            keyed_client(server, "sk-wrong").models.list()
+        assert [m.id for m in keyed_client(server, KEY).models.list()]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        proc.kill()
+
+
+def test_serving_beyond_loopback_without_a_key_warns():
+    from alignkit.serve import exposure_warning
+
+    everyone = make_server(None, "0.0.0.0", 0)
+    local = make_server(None, "127.0.0.1", 0)
+    keyed = make_server(None, "0.0.0.0", 0, api_key=KEY)
+    try:
+        assert "without an API key" in exposure_warning(everyone)
+        assert "--api-key" in exposure_warning(everyone)
+        assert exposure_warning(local) is None and exposure_warning(keyed) is None
+    finally:
+        for srv in (everyone, local, keyed):
+            srv.server_close()

@@ -280,3 +280,49 @@ def test_tokenizer_named_template(tiny_model_dir):
     name, jinja = next(iter(templates.NAMED_TEMPLATES.items()))
     tok = load_tokenizer(ModelConfig(name=tiny_model_dir, chat_template=name))
     assert tok.chat_template == jinja
+
+
+# bitsandbytes' CPU backend tries to fetch a hub kernel when it is imported (on CPUs with
+# AVX512-BF16) and logs its failure; it is imported once per process, so each check runs in a
+# fresh interpreter that records every log record.
+_RECORD_LOGS = """
+import json, logging, sys
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append([record.name, record.levelname, record.getMessage()])
+logging.getLogger().addHandler(Keep())
+logging.getLogger().setLevel(logging.DEBUG)
+{body}
+print(json.dumps(records))
+"""
+
+
+def _log_records(body: str) -> list[list[str]]:
+    import subprocess
+    import sys
+
+    script = _RECORD_LOGS.format(body=body)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _kernel_warnings(records: list[list[str]]) -> list[list[str]]:
+    return [r for r in records if r[0].startswith("bitsandbytes") and "gemm_4bit" in r[2]]
+
+
+def test_lora_load_logs_no_bitsandbytes_kernel_warning(tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
+    if not _kernel_warnings(_log_records("import bitsandbytes")):
+        pytest.skip("bitsandbytes does not try the hub kernel on this CPU (no AVX512-BF16)")
+    records = _log_records(
+        "from alignkit.config import LoraConfig, ModelConfig\n"
+        "from alignkit.models import load_model\n"
+        f"load_model(ModelConfig(name={tiny_model_dir!r}), LoraConfig(enabled=True))\n"
+        "logging.getLogger('bitsandbytes.other').warning('still shown')\n"
+    )
+    assert _kernel_warnings(records) == []
+    # only that one logger is quieted
+    assert ["bitsandbytes.other", "WARNING", "still shown"] in records
