@@ -459,8 +459,9 @@ def hh_like_stream(seed: int, *, with_eval: bool = True) -> list[tuple[int, dict
         f, k = step / HH_STEPS, _moved(step / HH_STEPS)
         pairs = []
         for _ in range(HH_BATCH):
-            c = rng.gauss(-0.02 * f, 0.1 * k)
-            pairs.append((c, c - rng.gauss(0.07 * f, 0.25 * k)))
+            # At the first step policy and reference are still equal: every pair ties.
+            c = rng.gauss(-0.02 * f, 0.1 * k) if k else 0.0
+            pairs.append((c, c - rng.gauss(0.07 * f, 0.25 * k)) if k else (0.0, 0.0))
         row = _pair_rows(pairs, [rng.gauss(-155, 60) for _ in pairs])
         row |= {"grad_norm": abs(rng.gauss(2.0, 0.5)), "learning_rate": 5e-5}
         if with_eval and step % 25 == 0:
