@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from alignkit.monitor.health_rules import RULES, Rule, Series, View
+from alignkit.monitor.health_rules import RULES, Rule
+from alignkit.monitor.health_view import Series, View
 
 HEALTH_FILE = "health.jsonl"
 
@@ -41,6 +42,7 @@ class RuleState:
     active: bool = False  # the failure is showing and has been reported
     clear_streak: int = 0  # consecutive judged-healthy checks since it last showed
     fired: int = 0
+    pending: str | None = None  # why the last check could not judge, when the rule said
 
 
 def smoothing_window(total_steps: int, log_every: int = 1) -> int:
@@ -124,6 +126,7 @@ class HealthMonitor:
         if rule.needs and not any(n in view.current for n in rule.needs[0]):
             return None  # nothing new for this rule in this observation
         check = rule.check(view)
+        state.pending = check.pending
         if not check.judged:
             return None
         state.judged = True
@@ -153,7 +156,7 @@ class HealthMonitor:
         elif state.judged:
             status, detail = "ok", rule.title
         elif state.applicable:
-            status, detail = "not applicable", "too few logged steps to judge"
+            status, detail = "not applicable", state.pending or "too few logged steps to judge"
         elif rule.methods is not None and self.method not in rule.methods:
             status, detail = "not applicable", f"not a {self.method} rule"
         else:

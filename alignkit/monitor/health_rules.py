@@ -5,18 +5,46 @@ if so, whether the failure shows. Rules look at windows of several logged values
 step, so that the noise of small batches does not set them off; the only single-step rules are
 the ones whose failure is exact (a NaN, a batch with no target tokens). Everything here is plain
 Python on floats: a check costs O(window) per logged step.
+
+Calibration. Per-batch preference metrics are noisy: a batch of 8 pairs has an accuracy of k/8
+and margins that swing by as much as a slow run gains in its whole first epoch. A warning that
+fires on a run that learns teaches the user to ignore warnings, so the trend rules follow four
+habits, each stated where it is used:
+
+- smooth: compare means over windows of logged values, a quarter of what has been logged (at
+  least the smoothing window, at most 50 values) when judging a trend since the start;
+- judge on the eval split where there is one: every evaluation scores the same held-out pairs,
+  so the difference between two evaluations is the model's change alone, with no batch noise;
+- require significance: a train trend must stand out of the noise by Welch's t over windows,
+  and a level or a fall must also be large enough to matter, not only significant;
+- wait for a minimum share of the run (a quarter for levels, half for growth) before judging,
+  since a run with warmup and a small learning rate moves slowly at first.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from alignkit import methods
 from alignkit.methods import with_health
+from alignkit.monitor.health_view import (
+    OK,
+    WAIT,
+    Check,
+    Series,
+    View,
+    after_start,
+    fire,
+    held_out_late,
+    mean,
+    median,
+    resolved,
+    shift_t,
+    stderr,
+    trend_window,
+)
 
 LN2 = math.log(2.0)
 # Which methods a method-specific rule watches comes from the method table's health tags:
@@ -28,62 +56,30 @@ STUCK_LOSS = with_health(methods.SIGMOID_LOSS)
 # scores have no fixed level (Bradley-Terry sees differences only), so the rule is not for it.
 POLICY_REWARDS = with_health(methods.POLICY_REWARDS)
 DEFAULT_KL_TARGET = 6.0  # the adaptive KL controller's usual target (Ziegler et al. 2019)
+# Summed rejected log-probs below this are the collapse level practitioners quote: about -2 nats
+# per token on ~100 tokens, where ordinary text sits near -1. The metrics hold sums only (no
+# token counts), so the floor is absolute in summed nats and applies only to runs that started
+# above it: data whose responses are long start below it and are left to the relative rule.
+REJECTED_FLOOR = -200.0
+MIN_FALL_NATS = 20.0  # a collapse is at least this large, whatever the noise
+# Evaluations score the same held-out pairs, so any change between two of them is the model's;
+# these tolerances only ignore changes too small to mean anything.
+EVAL_LN2_TOL = 0.002  # eval loss this close to ln 2: the policy still ties on held-out pairs
+EVAL_GROWTH_TOL = 0.01  # eval margin growth below this (reward units) is no growth
+# Train reward trends are judged only when their windows resolve a quarter of the level reached,
+# or of this floor (a quarter of it is an eighth of a nat of log-ratio at beta 0.1).
+REWARD_RESOLUTION = 0.05
+# A chosen-reward fall smaller than this is drift, not displacement: one nat of the chosen
+# response's summed log-prob at beta 0.1 (DPO's default).
+MIN_CHOSEN_FALL = 0.1
+SATURATED = 0.98  # train accuracy above this late in training: the training pairs are memorised
 
 
-@dataclass
-class Series:
-    """One metric's logged values in order, with the step of each."""
-
-    steps: list[int] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
-
-    def add(self, step: int, value: float) -> None:
-        self.steps.append(step)
-        self.values.append(value)
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def head(self, n: int) -> list[float]:
-        return self.values[:n]
-
-    def tail(self, n: int, upto: int | None = None) -> list[float]:
-        """The last n values, or the last n logged at steps <= upto."""
-        end = len(self.values) if upto is None else bisect.bisect_right(self.steps, upto)
-        return self.values[max(0, end - n) : end]
-
-
-@dataclass
-class View:
-    """What a rule sees: the history so far, the latest observation and the run's shape."""
-
-    series: dict[str, Series]
-    current: dict[str, float]  # the observation being judged
-    step: int
-    total_steps: int
-    window: int  # logged values per smoothing window
-    method: str
-    settings: dict
-
-    @property
-    def progress(self) -> float:
-        return self.step / max(self.total_steps, 1)
-
-    def get(self, names: tuple[str, ...]) -> Series | None:
-        """The first of `names` (alternative spellings of one metric) that has values."""
-        return next((self.series[n] for n in names if n in self.series), None)
-
-
-class Check(NamedTuple):
-    judged: bool  # False: too little data to say yet
-    message: str | None = None  # set when the failure shows
-
-
-WAIT, OK = Check(False), Check(True)
-
-
-def fire(message: str) -> Check:
-    return Check(True, message)
+TOO_NOISY = Check(
+    False,
+    pending="train batches too noisy to judge the trend; an eval split (data.eval_size) lets it "
+    "be judged on held-out pairs",
+)
 
 
 class Rule(NamedTuple):
@@ -100,33 +96,6 @@ class Rule(NamedTuple):
     # A verdict on the run as a whole (a trend since the start) is reported once; an episode
     # (a NaN, a stretch of high KL) again after it has cleared, since it can recur.
     once: bool = True
-
-
-# -- statistics over windows -------------------------------------------------------------------
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else 0.5 * (s[mid - 1] + s[mid])
-
-
-def stderr(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-
-
-def shift_t(early: list[float], late: list[float]) -> float:
-    """Welch's t statistic of mean(late) - mean(early): how many standard errors it moved."""
-    diff = mean(late) - mean(early)
-    se = math.sqrt(stderr(early) ** 2 + stderr(late) ** 2)
-    if se < 1e-12:  # noiseless windows: any real change is significant
-        return 0.0 if abs(diff) < 1e-12 else math.copysign(math.inf, diff)
-    return diff / se
 
 
 # -- preference rules --------------------------------------------------------------------------
@@ -152,16 +121,39 @@ def accuracy_early(v: View) -> Check:
     return OK
 
 
+def accuracy_late(v: View) -> Check:
+    s = v.get(ACCURACY)
+    # The last quarter of training, smoothed over a window: at 8 pairs a batch one batch at 1.0
+    # says little, while a window mean above 0.98 leaves at most one wrong pair in about 50.
+    w = max(v.window, 5)
+    if s is None or len(s) < w or v.progress < 0.75:
+        return WAIT
+    acc = mean(s.tail(w))
+    if acc > SATURATED:
+        return fire(
+            f"train preference accuracy averaged {acc:.3f} over the last {w} logged steps at "
+            f"step {v.step} of {v.total_steps} (healthy on real data: about 0.75 to 0.92)"
+        )
+    return OK
+
+
 def rejected_collapse(v: View) -> Check:
     s, w = v.series.get("logps/rejected"), v.window
     if s is None or len(s) < 2 * w:
         return WAIT
-    start, now = mean(s.head(w)), mean(s.tail(w))
-    # Summed log-probs scale with length, so the rule is relative to the run's own start:
-    # twice the starting negative log-likelihood is about -200 on ~100 tokens of ordinary text
-    # (~-1 nat per token at the start), the collapse level practitioners quote. The 20-nat floor
-    # keeps very short responses from tripping it.
-    if start < 0 and now < 2.0 * start and start - now >= 20.0:
+    early, late = s.head(w), s.tail(w)
+    start, now = mean(early), mean(late)
+    # Absolute: the window mean crossed the floor during training, by a fall that is both
+    # significant against the batch-to-batch spread of lengths and at least MIN_FALL_NATS.
+    fell = start - now >= MIN_FALL_NATS and shift_t(early, late) < -3.0
+    if start > REJECTED_FLOOR > now and fell:
+        return fire(
+            f"rejected log-probs fell from {start:.1f} to {now:.1f} by step {v.step}, below "
+            f"{REJECTED_FLOOR:.0f} (summed over each response)"
+        )
+    # Relative: summed log-probs scale with length, so a run whose responses start long is
+    # judged against its own start: twice the starting negative log-likelihood.
+    if start < 0 and now < 2.0 * start and start - now >= MIN_FALL_NATS:
         return fire(
             f"rejected log-probs fell from {start:.1f} to {now:.1f} ({now / start:.1f}x their "
             f"start) by step {v.step}"
@@ -170,11 +162,28 @@ def rejected_collapse(v: View) -> Check:
 
 
 def margins_not_growing(v: View) -> Check:
-    s, w = v.get(MARGINS), v.window
-    if s is None or len(s) < 2 * w or v.progress < 0.5:
+    s = v.get(MARGINS)
+    if s is None or v.progress < 0.5:
+        return WAIT
+    held_out = held_out_late(v, v.get(EVAL_MARGINS))
+    if held_out is not None:
+        if not held_out:
+            return WAIT  # the evaluation past half-way is still to come
+        # The same held-out pairs each time: growth since the baseline is the model's own.
+        first, last = held_out.values[0], held_out.values[-1]
+        if last - first > EVAL_GROWTH_TOL:
+            return OK
+        return fire(
+            f"eval reward margins went from {first:.3f} (step {held_out.steps[0]}) to "
+            f"{last:.3f} (step {held_out.steps[-1]}) by step {v.step}: no growth on held-out pairs"
+        )
+    w = trend_window(v, len(s))
+    if len(s) < 2 * w:
         return WAIT
     early, late = s.head(w), s.tail(w)
-    # Growth must stand out of the noise by one standard error, judged from half-way on.
+    if not resolved(early, late, REWARD_RESOLUTION):
+        return TOO_NOISY
+    # Growth must stand out of the noise by one standard error of the windows' difference.
     if shift_t(early, late) < 1.0:
         return fire(
             f"reward margins went from {mean(early):.3f} (first {w} logged steps) to "
@@ -184,26 +193,44 @@ def margins_not_growing(v: View) -> Check:
 
 
 def chosen_falling(v: View) -> Check:
-    s, w = v.series.get("rewards/chosen"), v.window
-    if s is None or len(s) < 3 * w:
+    s, margins = v.series.get("rewards/chosen"), v.get(MARGINS)
+    if s is None or v.progress < 0.5:
+        return WAIT
+    held_out = held_out_late(v, v.series.get("eval/rewards/chosen"))
+    if held_out is not None:
+        if not held_out:
+            return WAIT  # the evaluation past half-way is still to come
+        if held_out.values[0] - held_out.values[-1] < MIN_CHOSEN_FALL:
+            return OK  # the held-out chosen answers did not become materially less likely
+    w = trend_window(v, len(s))
+    if len(s) < 3 * w:
         return WAIT
     early, mid, late = s.head(w), s.values[-2 * w : -w], s.tail(w)
     a, b, c = mean(early), mean(mid), mean(late)
+    if not resolved(early, late, REWARD_RESOLUTION):
+        return TOO_NOISY
     # Steady: three successive windows each lower, and the overall drop well beyond the noise.
-    if a > b > c and shift_t(early, late) < -3.0:
-        return fire(
-            f"chosen rewards fell steadily from {a:.3f} to {b:.3f} to {c:.3f} by step {v.step}"
-        )
-    return OK
+    if not (a > b > c and shift_t(early, late) < -3.0):
+        return OK
+    # Large enough to matter: some displacement is usual in the DPO family (both rewards drift
+    # down, rejected faster). It is the failure when the chosen reward loses at least
+    # MIN_CHOSEN_FALL and at least half as much as the margin gains: the margin is then won by
+    # making chosen answers less likely.
+    gain = mean(margins.tail(w)) - mean(margins.head(w)) if margins is not None else 0.0
+    if a - c < max(MIN_CHOSEN_FALL, 0.5 * gain):
+        return OK
+    return fire(f"chosen rewards fell steadily from {a:.3f} to {b:.3f} to {c:.3f} by step {v.step}")
 
 
 def _diverges(v: View, train: Series, step: int, eval_margin: float) -> bool:
     recent = train.tail(v.window, upto=step)
     if len(recent) < v.window:
         return False
-    m = mean(recent)
+    m, low = mean(recent), mean(recent) - 2.0 * stderr(recent)
     # Only a train margin clearly above zero can be "not tracked"; eval below half of it is.
-    return m > 2.0 * stderr(recent) and m > 0 and eval_margin < 0.5 * m
+    # Half of its lower bound (two standard errors down), not of its mean: a noisy window that
+    # happens to run high must not make a held-out margin look left behind.
+    return low > 0 and m > 0 and eval_margin < 0.5 * low
 
 
 def eval_divergence(v: View) -> Check:
@@ -230,16 +257,21 @@ def eval_divergence(v: View) -> Check:
 
 def loss_stuck(v: View) -> Check:
     s, w = v.series.get("loss"), v.window
-    stuck = LN2 if v.method in STUCK_LOSS else None
-    if stuck is None or s is None or len(s) < w or v.progress < 0.2:
+    if v.method not in STUCK_LOSS or s is None or len(s) < w or v.progress < 0.25:
         return WAIT
-    now = mean(s.tail(w))
-    if abs(now - stuck) < 0.005:
-        return fire(
-            f"loss averaged {now:.4f} over the last {w} logged steps at step {v.step}, "
-            f"still at ln 2 = {stuck:.4f}: policy and reference still score pairs alike"
-        )
-    return OK
+    # Root-mean-square distance from ln 2 over the window: a stuck policy ties on every pair, so
+    # every batch sits at ln 2; one that has moved at all spreads its pairs' margins, and the
+    # per-batch loss scatters around ln 2 even while its mean is still close to it.
+    rms = math.sqrt(mean([(x - LN2) ** 2 for x in s.tail(w)]))
+    if rms >= 0.005:
+        return OK
+    held_out = after_start(v.series.get("eval/loss"))
+    if held_out and abs(held_out[-1] - LN2) >= EVAL_LN2_TOL:
+        return OK  # the held-out pairs no longer tie: the policy has moved
+    return fire(
+        f"loss stayed within {rms:.4f} (rms) of ln 2 = {LN2:.4f} over the last {w} logged steps "
+        f"at step {v.step}: policy and reference still score pairs alike"
+    )
 
 
 # -- any method --------------------------------------------------------------------------------
@@ -378,9 +410,20 @@ RULES: tuple[Rule, ...] = (
         accuracy_early,
     ),
     Rule(
+        "accuracy_saturated_late",
+        "warning",
+        "train preference accuracy stays below 0.98 at the end of training",
+        (ACCURACY,),
+        "near-perfect accuracy on the training pairs late in the run means they are memorised: "
+        "margins keep growing on them while held-out accuracy stalls or falls",
+        "train fewer steps or epochs, lower train.lr or raise beta, add data, and pick the "
+        "checkpoint by eval accuracy (healthy train accuracy on real data: 0.75 to 0.92)",
+        accuracy_late,
+    ),
+    Rule(
         "rejected_logps_collapse",
         "warning",
-        "rejected log-probs stay within twice their starting value",
+        "rejected log-probs stay above -200 and within twice their starting value",
         (("logps/rejected",),),
         "the loss is being won by pushing rejected responses to absurdly low likelihood, which "
         "degrades generation rather than teaching the preference",

@@ -214,9 +214,43 @@ def facts_table(facts: dict[str, Any], cls: str) -> str:
 # --------------------------------------------------------------------------- sections
 
 
+ACCURACY, MARGIN = "rewards/accuracies", "rewards/margins"
+
+
+def all_tie(row: dict, prefix: str = "") -> bool:
+    """Whether every pair behind the row's accuracy tied. The loss module counts a tie as
+    wrong, so such a row logs accuracy 0.0; with margins exactly 0.0 that can only mean ties,
+    since no pair was ahead and the margins average to 0. It is what a run logs before the
+    policy leaves the reference (the eval at step 0, the first step)."""
+    return row.get(prefix + ACCURACY) == 0 and row.get(prefix + MARGIN) == 0
+
+
+class TiedRows(NamedTuple):
+    rows: list[dict[str, Any]]  # accuracy removed where every pair tied: not a 0 to draw
+    notes: list[str]
+
+
+def drop_tied_accuracy(rows: list[dict[str, Any]]) -> TiedRows:
+    out, steps = [], {"": [], "eval/": []}
+    for row in rows:
+        tied = [p for p in steps if all_tie(row, p)]
+        for p in tied:
+            steps[p].append(row["step"])
+        out.append({k: v for k, v in row.items() if k not in {p + ACCURACY for p in tied}})
+    notes = [
+        f"{p}{ACCURACY} at step{'s' * (len(st) > 1)} {', '.join(map(str, st[:5]))}: n/a, not "
+        "drawn: policy and reference tie on every pair (margins exactly 0), and a tie is "
+        "neither right nor wrong"
+        for p, st in steps.items()
+        if st
+    ]
+    return TiedRows(out, notes)
+
+
 def curves_section(rows: list[dict]) -> str:
-    charts = metric_charts(rows)
-    body = "".join(note(n) for n in charts.notes)
+    tied = drop_tied_accuracy(rows)
+    charts = metric_charts(tied.rows)
+    body = "".join(note(n) for n in [*tied.notes, *charts.notes])
     body += '<div class="charts">' + "".join(charts.svgs) + "</div>"
     return section("curves", "Curves", body)
 
@@ -247,10 +281,17 @@ def health_section(health: HealthData | None) -> str:
 
 def _before_after_rows(before: dict, after: dict) -> list[list[str]]:
     rows = []
+    # An accuracy over pairs that all tie is not 0: it is not defined yet (see all_tie).
+    b_tied = {f"eval/{ACCURACY}"} if all_tie(before, "eval/") else set()
+    a_tied = {f"eval/{ACCURACY}"} if all_tie(after, "eval/") else set()
     for name in dict.fromkeys([*before, *after]):
-        b, a = before.get(name), after.get(name)
+        b = None if name in b_tied else before.get(name)
+        a = None if name in a_tied else after.get(name)
         delta = a - b if finite(a) and finite(b) else None
-        rows.append([esc(name), num(b), num(a), num(delta, signed=True)])
+        cells = [
+            "n/a" if name in tied else num(value) for value, tied in ((b, b_tied), (a, a_tied))
+        ]
+        rows.append([esc(name), *cells, num(delta, signed=True)])
     return rows
 
 
@@ -404,9 +445,18 @@ table.samples td{width:33%}.cut{color:#b35900;font-size:12px}
 """
 
 
+def page_title(method: str | None, run_name: str) -> str:
+    """The run's name, with its method added only when the name does not already say it (a run
+    directory is often named after its method: runs/dpo)."""
+    if method and method.lower() not in run_name.lower():
+        return f"alignkit report: {run_name} ({method})"
+    return f"alignkit report: {run_name}"
+
+
 def render_html(run: RunData) -> str:
     s = run.summary or {}
-    title = f"alignkit report: {s.get('method', '')} {run.run_dir.name}".strip()
+    method = s.get("method") or _config_value(run.config_text, "method")
+    title = page_title(str(method) if method else None, run.run_dir.resolve().name)
     sections = [
         overview_section(run),
         curves_section(run.rows),

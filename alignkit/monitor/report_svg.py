@@ -36,6 +36,27 @@ CHART_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("grad_norm", ("grad_norm",)),
 )
 NOT_CHARTED = {"step", "epoch"}
+
+
+class Band(NamedTuple):
+    """A healthy range drawn behind a chart's curves: shaded for train, dashed lines for eval
+    (as the eval curves themselves are dashed)."""
+
+    label: str
+    lo: float
+    hi: float
+    colour: str
+    kind: str  # "train" | "eval"
+
+
+# Preference accuracy on real preference data (HH-RLHF, UltraFeedback): train accuracy well
+# below 1.0, since real labels are noisy, and held-out a little lower; above these is usually
+# memorised or trivially easy pairs, below is little learned.
+BANDS: tuple[Band, ...] = (
+    Band("healthy train 0.75–0.92", 0.75, 0.92, "#009e73", "train"),
+    Band("healthy held-out 0.70–0.90", 0.70, 0.90, "#d55e00", "eval"),
+)
+CHART_BANDS: dict[str, tuple[Band, ...]] = {"rewards/accuracies": BANDS}
 NON_FINITE_TEXT = {"nan", "inf", "-inf", "infinity", "-infinity"}
 
 
@@ -99,12 +120,16 @@ def tick_label(value: float) -> str:
     return format(value, ".4g")
 
 
-def frame_for(series: list[Series], top: float = LEGEND_TOP + 14) -> Frame | None:
-    """The frame holding every finite point of every series; None when there is none."""
+def frame_for(
+    series: list[Series], top: float = LEGEND_TOP + 14, bands: tuple[Band, ...] = ()
+) -> Frame | None:
+    """The frame holding every finite point of every series, and the bands, so a healthy range
+    stays in view however far the curves are from it; None when no series has a point."""
     xs = [x for s in series for x, y in s.points if finite(x) and finite(y)]
     ys = [y for s in series for x, y in s.points if finite(x) and finite(y)]
     if not xs:
         return None
+    ys += [v for b in bands for v in (b.lo, b.hi)]
     xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
     return Frame(
         xt[0],
@@ -184,33 +209,66 @@ def _series(s: Series, frame: Frame) -> list[str]:
     return out
 
 
-def _legend(series: list[Series]) -> tuple[list[str], float]:
-    """Swatch and name per series, wrapped onto rows; also where the plot area can start."""
+def _band(b: Band, frame: Frame) -> str:
+    """A train band as a shaded strip; an eval band as two dashed lines at its edges."""
+    left, width = frame.left, frame.width
+    top, bottom = frame.y(b.hi), frame.y(b.lo)
+    if b.kind == "train":
+        return (
+            f'<rect class="band train" x="{left}" y="{top:.2f}" width="{width}" '
+            f'height="{bottom - top:.2f}" fill="{b.colour}" fill-opacity="0.14"/>'
+        )
+    return "".join(
+        f'<line class="band eval" x1="{left}" y1="{y:.2f}" x2="{left + width}" y2="{y:.2f}" '
+        f'stroke="{b.colour}" stroke-width="1.5" stroke-dasharray="2 3"/>'
+        for y in (top, bottom)
+    )
+
+
+def _swatch(x: float, y: float, item: Series | Band) -> str:
+    if isinstance(item, Band):
+        if item.kind == "train":
+            return (
+                f'<rect x="{x}" y="{y - 9}" width="22" height="10" fill="{item.colour}" '
+                'fill-opacity="0.14" stroke="none"/>'
+            )
+        return (
+            f'<line x1="{x}" y1="{y - 4}" x2="{x + 22}" y2="{y - 4}" stroke="{item.colour}" '
+            'stroke-width="1.5" stroke-dasharray="2 3"/>'
+        )
+    dash = ' stroke-dasharray="6 4"' if item.dashed else ""
+    return (
+        f'<line x1="{x}" y1="{y - 4}" x2="{x + 22}" y2="{y - 4}" stroke="{item.colour}" '
+        f'stroke-width="2"{dash}/>'
+    )
+
+
+def _legend(items: list[Series | Band]) -> tuple[list[str], float]:
+    """Swatch and name per series and band, wrapped onto rows; also where the plot can start."""
     out, x, y = [], MARGIN_LEFT, LEGEND_TOP
-    for s in series:
-        width = 34 + 6.5 * len(s.metric)  # about 6.5 px per character at the legend's size
+    for item in items:
+        label = item.label if isinstance(item, Band) else item.metric
+        width = 34 + 6.5 * len(label)  # about 6.5 px per character at the legend's size
         if x > MARGIN_LEFT and x + width > WIDTH - MARGIN_RIGHT:
             x, y = MARGIN_LEFT, y + LEGEND_ROW
-        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
-        out.append(
-            f'<line x1="{x}" y1="{y - 4}" x2="{x + 22}" y2="{y - 4}" stroke="{s.colour}" '
-            f'stroke-width="2"{dash}/>'
-            f'<text class="legend" x="{x + 27}" y="{y}">{escape(s.metric)}</text>'
-        )
+        text = f'<text class="legend" x="{x + 27}" y="{y}">{escape(label)}</text>'
+        out.append(_swatch(x, y, item) + text)
         x += width
     return out, y + 14
 
 
-def line_chart(title: str, series: list[Series]) -> str:
-    """One chart; an empty string when no series has a finite point."""
-    legend, top = _legend(series)
-    frame = frame_for(series, top)
+def line_chart(title: str, series: list[Series], bands: tuple[Band, ...] = ()) -> str:
+    """One chart, with healthy bands behind its curves; an empty string when no series has a
+    finite point."""
+    legend, top = _legend([*series, *bands])
+    frame = frame_for(series, top, bands)
     if frame is None:
         return ""
     body = [
         f'<text class="title" x="{MARGIN_LEFT}" y="18">{escape(title)}</text>',
         *legend,
         *_axes(frame),
+        *(_band(b, frame) for b in bands),  # before the curves, so they are drawn on top
     ]
     for s in series:
         body += _series(s, frame)
@@ -254,6 +312,13 @@ def _group_series(rows: list[dict], bases: list[str], names: set[str]) -> list[S
     return series
 
 
+def bands_for(title: str, series: list[Series]) -> tuple[Band, ...]:
+    """The chart's healthy bands for the kinds of curve it has: the held-out band only beside
+    an eval curve."""
+    kinds = {"eval" if s.dashed else "train" for s in series}
+    return tuple(b for b in CHART_BANDS.get(title, ()) if b.kind in kinds)
+
+
 class Charts(NamedTuple):
     svgs: list[str]
     notes: list[str]  # what could not be drawn, and why
@@ -268,7 +333,8 @@ def metric_charts(rows: list[dict[str, Any]]) -> Charts:
     ]
     svgs, notes = [], []
     for title, bases in chart_groups(names):
-        svg = line_chart(title, _group_series(rows, bases, set(names)))
+        series = _group_series(rows, bases, set(names))
+        svg = line_chart(title, series, bands_for(title, series))
         svgs.append(svg)
         if not svg:
             notes.append(f"{title}: no finite values to draw")

@@ -8,6 +8,7 @@ tests/invariants renders the same directory in headless Chromium.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,15 @@ from typer.testing import CliRunner
 from alignkit.cli import app
 from alignkit.errors import AlignkitError
 from alignkit.monitor.report import load_run, render_html, write_report
-from alignkit.monitor.report_svg import Frame, Series, frame_for, line_chart, nice_ticks, path_data
+from alignkit.monitor.report_svg import (
+    BANDS,
+    Frame,
+    Series,
+    frame_for,
+    line_chart,
+    nice_ticks,
+    path_data,
+)
 
 HOSTILE = "<script>alert('x')</script> & </td></table> \"quoted\""
 TRAIN_STEPS = 40
@@ -196,8 +205,6 @@ def test_chart_ticks_lie_inside_the_plot():
 
 def _paths(page: str) -> dict[str, str]:
     """data-metric -> d of each series path in the page."""
-    import re
-
     pattern = r'<path class="series [a-z]+" id="[^"]*" data-metric="([^"]*)" d="([^"]*)"'
     return dict(re.findall(pattern, page))
 
@@ -370,3 +377,101 @@ def test_write_report_raises_alignkit_error_for_library_callers(tmp_path):
     with pytest.raises(AlignkitError) as info:
         write_report(tmp_path)
     assert info.value.where == str(tmp_path) and info.value.hint
+
+
+# --------------------------------------------------------------------------- reading the curves
+
+
+def _write_run(root: Path, name: str, rows: list[dict], summary: dict | None = None) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def _title(page: str) -> str:
+    return page.split("<title>")[1].split("</title>")[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("dpo", "alignkit report: dpo"),
+        ("dpo-hh", "alignkit report: dpo-hh"),
+        ("run", "alignkit report: run (dpo)"),
+    ],
+)
+def test_title_names_the_method_once(tmp_path, name, expected):
+    run = _write_run(tmp_path, name, [{"step": 1, "loss": 0.69}], {"method": "dpo"})
+    page = render_html(load_run(run))
+    assert _title(page) == expected and f"<h1>{expected}</h1>" in page
+
+
+def _chart(page: str, title: str) -> str:
+    return page.split(f'id="chart-{title}"')[1].split("</svg>")[0]
+
+
+def test_accuracy_chart_shows_the_healthy_bands_with_a_legend(tmp_path):
+    # Accuracy around 0.5-0.6: the bands (0.70-0.92) must still be inside the plot.
+    rows = [{"step": 0, "eval/rewards/accuracies": 0.5, "eval/rewards/margins": 0.01}]
+    rows += [{"step": s, "rewards/accuracies": 0.5 + 0.002 * s} for s in range(1, 51)]
+    page = render_html(load_run(_write_run(tmp_path, "r", rows)))
+    chart = _chart(page, "rewards-accuracies")
+    assert 'class="band train"' in chart and 'class="band eval"' in chart
+    assert "healthy train 0.75–0.92" in chart and "healthy held-out 0.70–0.90" in chart
+    ticks = [float(t) for t in re.findall(r'class="tick y"[^>]*>([-0-9.]+)<', chart)]
+    assert min(ticks) <= 0.5 and max(ticks) >= 0.92
+    # Other charts have no bands.
+    assert 'class="band' not in page.split('id="chart-rewards-accuracies"')[0]
+
+
+def test_bands_sit_at_their_values():
+    curve = [Series("rewards/accuracies", [(0, 0.5), (10, 0.6)], "#000")]
+    curve.append(Series("eval/rewards/accuracies", [(0, 0.55), (10, 0.6)], "#000", dashed=True))
+    svg = line_chart("rewards/accuracies", curve, bands=BANDS)
+    # The held-out band's dashed edges give the y scale; the shaded train band must match it.
+    y70, y90 = sorted(
+        (float(y) for y in re.findall(r'<line class="band eval" x1="[^"]*" y1="([^"]*)"', svg)),
+        reverse=True,
+    )
+    per_unit = (y70 - y90) / 0.2
+    (top, height) = re.findall(
+        r'<rect class="band train" x="[^"]*" y="([^"]*)" [^>]*height="([^"]*)"', svg
+    )[0]
+    assert float(top) == pytest.approx(y90 - 0.02 * per_unit, abs=0.02)
+    assert float(height) == pytest.approx(0.17 * per_unit, abs=0.02)
+    assert frame_for(curve, bands=BANDS).y_hi >= 0.92  # in view though the data stop at 0.6
+    assert 'class="band eval"' not in line_chart("a", curve[:1], bands=BANDS[:1])
+
+
+def test_all_tie_accuracy_is_not_drawn_as_zero(tmp_path):
+    # Before training policy and reference are the same model: every pair ties (margin exactly
+    # 0), and the loss module counts a tie as wrong, so the logged accuracy is 0.0.
+    tie = {"rewards/accuracies": 0.0, "rewards/margins": 0.0, "rewards/chosen": 0.0}
+    rows = [{"step": 0, **{f"eval/{k}": v for k, v in tie.items()}}, {"step": 1, **tie}]
+    rows += [{"step": s, "rewards/accuracies": 0.5, "rewards/margins": 0.1} for s in (2, 3)]
+    rows += [{"step": 3, "eval/rewards/accuracies": 0.6, "eval/rewards/margins": 0.05}]
+    summary = {
+        "method": "dpo",
+        "eval_before": {"eval/rewards/accuracies": 0.0, "eval/rewards/margins": 0.0},
+        "eval_after": {"eval/rewards/accuracies": 0.6, "eval/rewards/margins": 0.05},
+    }
+    page = render_html(load_run(_write_run(tmp_path, "r", rows, summary)))
+    paths = _paths(page)
+    assert (
+        paths["eval/rewards/accuracies"].count("M") + paths["eval/rewards/accuracies"].count("L")
+        == 1
+    )
+    assert paths["rewards/accuracies"].count("M") + paths["rewards/accuracies"].count("L") == 2
+    assert "eval/rewards/accuracies at step 0: n/a" in page and "tie" in page
+    assert "<td>eval/rewards/accuracies</td><td>n/a</td><td>0.6</td><td>—</td>" in page
+    # An accuracy of 0 with a non-zero margin is a real 0 and is drawn.
+    rows[1]["rewards/margins"] = -0.2
+    page = render_html(load_run(_write_run(tmp_path, "s", rows, summary)))
+    assert (
+        _paths(page)["rewards/accuracies"].count("M")
+        + _paths(page)["rewards/accuracies"].count("L")
+        == 3
+    )
