@@ -5,13 +5,15 @@
     python benchmarks/reward_vs_trl.py --trl-tokens alignkit     # TRL scores alignkit's ids
 
 Child processes, one after the other (this file run with ``--child``), each reporting its own peak
-RSS (``ru_maxrss``) and timings: ``fast`` (``method=reward``, prompt run once per pair: the
-prefix-shared row [prompt, chosen, rejected]), ``parity`` (``train.parity=true``: two plain rows
-per pair, TRL's layout) and ``trl`` (``RewardTrainer`` with ``peft_config``). Each trained model
-then scores held-out pairs (``--heldout``, the pairs that follow the training ones) the way its
-framework serves it: alignkit through ``load_reward_model(final/)``, TRL through its own
-tokenization, collator and model forward. The held-out accuracy (chosen scored above rejected)
-is printed for each, next to the wall-time and peak-RSS ratios and both loss curves.
+RSS (``ru_maxrss``) and timings: ``fast`` (``method=reward``, prompt run once per pair: each
+pair's block [prompt, chosen, rejected], the batch's blocks packed into one unpadded row with
+attention run block by block, as the DPO family does), ``parity`` (``train.parity=true``: two
+plain rows per pair, TRL's layout) and ``trl`` (``RewardTrainer`` with ``peft_config``). Each
+trained model then scores held-out pairs (``--heldout``, the pairs that follow the training
+ones) the way its framework serves it: alignkit through ``load_reward_model(final/)``, TRL
+through its own tokenization, collator and model forward. The held-out accuracy (chosen scored
+above rejected) is printed for each, next to the wall-time and peak-RSS ratios and both loss
+curves.
 
 Held equal, as in ``dpo_vs_trl.py`` (see its docstring for the how):
 
@@ -43,7 +45,8 @@ What cannot be made equal:
   *before* it; ``--trl-tokens alignkit`` therefore also gives TRL's tokenizer a pad token that
   never occurs in the data (the first other special token), and the read positions then agree.
   The TRL child counts, row by row, how its ids and read positions compare with alignkit's.
-- **Layout.** alignkit's default runs the prompt once per pair; ``parity`` is TRL's layout.
+- **Layout.** alignkit's default runs the prompt once per pair and packs the pairs without
+  padding; ``parity`` is TRL's layout (two right-padded rows per pair).
 - **After the loop.** alignkit scores the training pairs once more after training to record the
   reward's mean and std for PPO (``final/alignkit_reward.json``); that is after the timed loop
   but inside "after setup". TRL logs extra reward statistics at every step.

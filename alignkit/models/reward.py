@@ -21,9 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from alignkit.data.batching import additive_mask
 from alignkit.errors import ModelError
-from alignkit.train.forward import unwrap_hf
+from alignkit.models.decoder import decoder_hidden_states, unwrap_hf
 
 REWARD_INFO = "alignkit_reward.json"
 Combine = Literal["mean", "min"]
@@ -70,10 +69,13 @@ class RewardModel(nn.Module):
         position_ids: Tensor | None = None,
         read_rows: Tensor | None = None,
         read_cols: Tensor | None = None,
+        spans: Tensor | None = None,
     ) -> Tensor:
-        """input_ids: (B, T); attention_mask: (B, T), or a 4D block mask (B, 1, T, T) with
+        """input_ids: (B, T); attention_mask: (B, T), or a block mask (B, 1, T, T) with
         position_ids and read positions. read_rows/read_cols (S,) name the hidden states to
-        score; by default each row's last real token (S = B)."""
+        score; by default each row's last real token (S = B). A packed row (B = 1, no padding)
+        names its examples' `spans` (K, 3) so attention runs example by example
+        (:mod:`alignkit.ops.packed_attention`), the scores those of the unpacked rows."""
         if position_ids is None:
             if attention_mask.dim() != 2:
                 raise ValueError("a 4D-mask batch must come with its position_ids")
@@ -82,20 +84,11 @@ class RewardModel(nn.Module):
         if read_rows is None or read_cols is None:
             read_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
             read_cols = last_token_index(attention_mask)
-        hf = unwrap_hf(self.model)
-        if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
-            # eager attention adds the mask to the scores: a boolean one would be ignored there
-            if getattr(hf.config, "_attn_implementation", "sdpa") != "sdpa":
-                dtype = hf.get_input_embeddings().weight.dtype
-                attention_mask = additive_mask(attention_mask, dtype)
-        hidden = hf.base_model(  # the decoder without a head, adapters active: (B, T, H)
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state
+        hidden = decoder_hidden_states(  # (B, T, H)
+            self.model, input_ids, attention_mask, position_ids, spans
+        )
         picked = hidden[read_rows, read_cols]  # (S, H): only the positions that are scored
-        return score_head(hf)(picked).squeeze(-1).float()
+        return score_head(unwrap_hf(self.model))(picked).squeeze(-1).float()
 
 
 def combine_rewards(scores: Tensor, combine: Combine) -> Tensor:

@@ -13,10 +13,10 @@ mask, so this is exact, not an approximation.
 
 It takes the place of transformers' ``sdpa`` attention (registered under that name through
 ``AttentionInterface``, transformers' extension point) and is a plain pass-through to the function
-it replaced unless a forward carries the ``alignkit_spans`` keyword, which only alignkit's
-:class:`~alignkit.train.forward.LogpsModel` passes. transformers hands forward keywords down to
-every attention call, including the recomputation of gradient checkpointing, so the recomputed
-forward is cut the same way.
+it replaced unless a forward carries the ``alignkit_spans`` keyword, which only alignkit's decoder
+forward (:func:`~alignkit.models.decoder.decoder_hidden_states`, behind the log-prob and reward
+models) passes. transformers hands forward keywords down to every attention call, including the
+recomputation of gradient checkpointing, so the recomputed forward is cut the same way.
 
 Two more keywords let a no-grad forward continue prompts that an earlier forward of the same
 model already ran (KTO's mismatched rows, which share their prompts with the training rows):

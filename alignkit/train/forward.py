@@ -11,9 +11,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from alignkit.data.batching import additive_mask
+from alignkit.models.decoder import decoder_hidden_states, hidden_dtype, unwrap_hf
 from alignkit.ops.logps import label_positions, per_sequence_sum, target_logps
-from alignkit.ops.packed_attention import KVStore, span_kwargs
+from alignkit.ops.packed_attention import KVStore
+
+# unwrap_hf and hidden_dtype live with the decoder forward (alignkit.models.decoder), which the
+# reward model shares; they stay importable from here for this module's other users.
+__all__ = ["LogpsModel", "SequenceLogps", "hidden_dtype", "unwrap_hf"]
 
 
 class SequenceLogps(NamedTuple):
@@ -21,16 +25,6 @@ class SequenceLogps(NamedTuple):
     rows: Tensor  # (N,) sequence (or segment) of each labelled token
     seq_logps: Tensor  # (S,) summed log-probs per sequence or segment
     seq_tokens: Tensor  # (S,) labelled tokens per sequence or segment
-
-
-def unwrap_hf(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def hidden_dtype(model: nn.Module) -> torch.dtype:
-    return model.get_input_embeddings().weight.dtype
 
 
 class LogpsModel(nn.Module):
@@ -58,26 +52,12 @@ class LogpsModel(nn.Module):
         kv_in: KVStore | None = None,
         prefix: Tensor | None = None,
     ):
-        """(B, T) inputs -> (B, T, H) last hidden states, adapters active. A packed row (B=1)
-        may name its examples' `spans` (K, 3): start, end, causal; attention then runs
-        per example (:mod:`alignkit.ops.packed_attention`), with the same result as
-        the block mask. `kv_out` keeps the row's keys and values; `kv_in` and `prefix` (K, 2)
-        continue a kept row, span k after its columns ``prefix[k]``."""
-        hf = self._hf()
-        backbone = hf.base_model  # e.g. LlamaModel: the decoder without its LM head
-        if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
-            # A packed batch's block mask: SDPA takes booleans, but eager attention *adds* the
-            # mask to the scores, so a boolean one would be silently ignored there.
-            if getattr(hf.config, "_attn_implementation", "sdpa") != "sdpa":
-                attention_mask = additive_mask(attention_mask, hidden_dtype(hf))
-        out = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **span_kwargs(backbone, spans, kv_out=kv_out, kv_in=kv_in, prefix=prefix),
+        """(B, T) inputs -> (B, T, H) last hidden states, adapters active; see
+        :func:`alignkit.models.decoder.decoder_hidden_states` for the mask, `spans`, `kv_out`,
+        `kv_in` and `prefix`."""
+        return decoder_hidden_states(
+            self.model, input_ids, attention_mask, position_ids, spans, kv_out, kv_in, prefix
         )
-        return out.last_hidden_state
 
     def forward(
         self,

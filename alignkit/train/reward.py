@@ -3,8 +3,10 @@
 Each pair is two sequences, prompt + chosen and prompt + rejected, scored at their last real
 token; the loss is Bradley-Terry with an optional per-pair margin and the centering term
 (:mod:`alignkit.losses.reward`). The normalisation unit is the pair. As for the DPO family, the
-prompt runs once per pair (prefix-shared row: [prompt, chosen, rejected], the rejected reply
-masked from the chosen one) unless `train.parity` asks for the plain two-row layout.
+prompt runs once per pair: one block [prompt, chosen, rejected] per pair, the rejected reply
+masked from the chosen one, the micro-batch's blocks packed back to back into one row without
+padding (`collate_packed_pairs`, the DPO family's layout), attention running block by block;
+`train.parity` asks for the plain layout instead (two right-padded rows per pair).
 
 After training, the rewards of the eval split (or of the training split when there is none) give
 the mean and std that later stages normalise with; they go into summary.json
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 
 from alignkit.config import DataConfig, RunConfig
 from alignkit.data.formats import apply_column_map
-from alignkit.data.pair_batching import collate_pairs_shared, collate_rows
+from alignkit.data.pair_batching import collate_packed_pairs, collate_rows, token_count
 from alignkit.data.preference import (
     PREFERENCE_FORMATS,
     PairExample,
@@ -102,12 +104,30 @@ def build_reward_pairs(
 # --------------------------------------------------------------------------- batches
 
 
+def packed_read_cols(examples: list[PairExample], spans: Tensor) -> Tensor:
+    """(2B,) columns of a packed pair row (`collate_packed_pairs`) to score: each chosen reply's
+    last token, then each rejected reply's; spans (B, 3) give each pair's block.
+
+    A reply's score is read where its own plain row ends: at its last token, or, for an empty
+    reply, at the prompt's last token (the rejected block's end would be the chosen reply's).
+    """
+    starts = spans[:, 0]  # (B,) first column of each pair's block
+    prompt = torch.tensor([len(e.prompt_ids) for e in examples])  # (B,)
+    chosen = torch.tensor([len(e.chosen_ids) for e in examples])  # (B,)
+    rejected = torch.tensor([len(e.rejected_ids) for e in examples])  # (B,)
+    chosen_end = starts + prompt + chosen - 1
+    rejected_end = torch.where(rejected > 0, chosen_end + rejected, starts + prompt - 1)
+    return torch.cat([chosen_end, rejected_end])
+
+
 def collate_reward(pairs: list[RewardPair], pad_id: int, shared: bool) -> dict[str, Any]:
     """Inputs for RewardModel and where to read the 2B rewards: chosen 0..B-1, rejected B..2B-1.
 
-    Plain: (2B, T) right-padded rows, read at each row's last real token (the default).
-    Shared: (B, T) rows [prompt, chosen, rejected] with a 4D mask (B, 1, T, T); chosen is read
-    at column P+C-1, rejected at P+C+R-1, each seeing only the prompt and itself.
+    Plain: (2B, T) right-padded rows, read at each row's last real token.
+    Shared (the default): the pairs' blocks [prompt, chosen, rejected] packed into one (1, N)
+    row with a block mask (1, 1, N, N) and spans (B, 3), attention run per block; chosen is
+    read at its block's column P+C-1, rejected at P+C+R-1, each having seen only the prompt and
+    itself, so the rewards are those of the plain rows.
     """
     examples = [p.pair for p in pairs]
     margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32)  # (B,)
@@ -116,23 +136,19 @@ def collate_reward(pairs: list[RewardPair], pad_id: int, shared: bool) -> dict[s
         rows += [(e.prompt_ids, e.rejected_ids) for e in examples]
         full = collate_rows(rows, pad_id)
         batch = {k: full[k] for k in ("input_ids", "attention_mask", "position_ids")}
-        return {**batch, "margin": margin, "tokens": int(full["attention_mask"].sum())}
-    full = collate_pairs_shared(examples, pad_id)
-    b = len(examples)
-    chosen_end = [len(e.prompt_ids) + len(e.chosen_ids) - 1 for e in examples]
-    rejected_end = [c + len(e.rejected_ids) for c, e in zip(chosen_end, examples, strict=True)]
+        return {**batch, "margin": margin, "tokens": token_count(full)}
+    full = collate_packed_pairs(examples, pad_id)
+    batch = {k: full[k] for k in ("input_ids", "attention_mask", "position_ids", "spans")}
     return {
-        "input_ids": full["input_ids"],
-        "attention_mask": full["attention_mask"],
-        "position_ids": full["position_ids"],
-        "read_rows": torch.arange(b).repeat(2),  # (2B,) row of each scored position
-        "read_cols": torch.tensor(chosen_end + rejected_end),  # (2B,)
+        **batch,
+        "read_rows": torch.zeros(2 * len(examples), dtype=torch.long),  # (2B,) one packed row
+        "read_cols": packed_read_cols(examples, full["spans"]),  # (2B,)
         "margin": margin,
-        "tokens": sum(e.shared_len for e in examples),
+        "tokens": token_count(full),
     }
 
 
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "read_rows", "read_cols")
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "read_rows", "read_cols", "spans")
 
 
 class RewardMethod:
@@ -236,7 +252,7 @@ def build_reward_method(cfg: RunConfig, tokenizer) -> MethodSetup:
             "format": fmt,
             **info,
             "pairs_with_margin": with_margin,
-            "layout": "prefix-shared" if shared else "plain",
+            "layout": "prefix-shared, packed" if shared else "plain",
         },
         after_training=lambda model, final_dir: record_reward_stats(
             model, final_dir, method, eval_items, train_items, cfg.train.batch_size

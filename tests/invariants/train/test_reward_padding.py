@@ -2,6 +2,11 @@
 
 Rows end with id 2, which is both EOS and the pad id of the default model, so a rule that finds
 the last token by comparing ids with the pad id would read the wrong position here.
+
+The training layout (pairs packed into one unpadded row, attention per pair block) gives every
+reply the score, and the model the gradient, of its own plain row run alone. The check can fail:
+a spy shows attention is cut per pair block (so the spans reach it), and reading one column
+early gives other scores.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 from alignkit.data.pair_batching import collate_rows
 from alignkit.data.preference import PairExample
 from alignkit.models.reward import RewardModel
+from alignkit.ops import packed_attention
 from alignkit.train.reward import RewardMethod, RewardPair, collate_reward
 from tests.conftest import tiny_llama_config
 
@@ -79,3 +85,72 @@ def test_prefix_shared_layout_matches_plain_rows(attn):
         r_shared = shared.rewards(module, collate_reward(pairs, PAD, shared=True))
     assert r_plain.shape == (6,)
     torch.testing.assert_close(r_shared, r_plain, atol=1e-5, rtol=1e-5)
+
+
+# Unequal lengths, and an empty rejected reply: its plain row is the prompt alone, read at the
+# prompt's last token, not at the end of the pair's block (the chosen reply's last token).
+PAIRS = [
+    RewardPair(PairExample([5, 9, 14], [33, 40, EOS], [41, EOS]), 0.0),
+    RewardPair(PairExample([7], [21, 22, 23, 24, EOS], [25, EOS]), 1.0),
+    RewardPair(PairExample([11, 12, 13, 14], [16, EOS], [17, 18, 19, 20, 21, EOS]), 0.0),
+    RewardPair(PairExample([8, 6], [30, 31, EOS], []), 0.0),
+]
+
+
+def scores_and_grads(module: RewardModel, batches: list[dict]) -> tuple[torch.Tensor, dict]:
+    """(S,) scores of the batches in turn, and the gradient of a weighted sum of them (weights
+    make every score count, each differently)."""
+    module.zero_grad(set_to_none=True)
+    method = RewardMethod(PAD, 0.0, shared=True)
+    scores = torch.cat([method.rewards(module, b) for b in batches])
+    (scores * torch.linspace(0.5, 1.5, len(scores))).sum().backward()
+    grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+    return scores.detach(), grads
+
+
+def alone(e: PairExample, reply: list[int]) -> dict:
+    """One plain row, prompt + reply, run by itself."""
+    ids = torch.tensor([e.prompt_ids + reply])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_pairs_give_the_scores_and_gradients_of_plain_rows(attn):
+    module = RewardModel(tiny_reward_model(attn).train())
+    packed = collate_reward(PAIRS, PAD, shared=True)
+    assert packed["input_ids"].shape == (1, sum(p.pair.shared_len for p in PAIRS))  # no padding
+    assert packed["tokens"] == packed["input_ids"].numel()
+    rows = [alone(p.pair, p.pair.chosen_ids) for p in PAIRS]
+    rows += [alone(p.pair, p.pair.rejected_ids) for p in PAIRS]
+    r_packed, g_packed = scores_and_grads(module, [packed])
+    r_plain, g_plain = scores_and_grads(module, rows)
+    assert r_packed.shape == (2 * len(PAIRS),)
+    torch.testing.assert_close(r_packed, r_plain, atol=1e-5, rtol=1e-5)
+    assert g_packed.keys() == g_plain.keys() and len(g_packed) > 0
+    for name in g_plain:
+        torch.testing.assert_close(g_packed[name], g_plain[name], atol=1e-5, rtol=1e-4)
+    # the plain (parity) layout agrees too
+    r_parity, _ = scores_and_grads(module, [collate_reward(PAIRS, PAD, shared=False)])
+    torch.testing.assert_close(r_parity, r_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_is_cut_per_pair_and_the_read_column_matters(monkeypatch):
+    module = RewardModel(tiny_reward_model())
+    packed = collate_reward(PAIRS, PAD, shared=True)
+    packed_attention.install()
+    inner = packed_attention._replaced["sdpa"]
+    widths = []
+
+    def spy(mod, query, *args, **kwargs):
+        widths.append(query.shape[2])
+        return inner(mod, query, *args, **kwargs)
+
+    monkeypatch.setitem(packed_attention._replaced, "sdpa", spy)
+    with torch.no_grad():
+        scores = RewardMethod(PAD, 0.0, shared=True).rewards(module, packed)
+        early = dict(packed, read_cols=packed["read_cols"] - 1)
+        shifted = RewardMethod(PAD, 0.0, shared=True).rewards(module, early)
+    layers = module.model.config.num_hidden_layers
+    # each layer attends block by block, never the whole row: two forwards of `layers` layers
+    assert widths == [p.pair.shared_len for p in PAIRS] * layers * 2
+    assert (scores - shifted).abs().max() > 1e-3

@@ -64,7 +64,7 @@ def test_training_lowers_the_held_out_loss(reward_run):
     assert after["eval/loss"] < before["eval/loss"] - 0.05
     assert after["eval/accuracy"] >= before["eval/accuracy"]
     assert summary["method"] == "reward"
-    assert summary["data"]["layout"] == "prefix-shared"
+    assert summary["data"]["layout"] == "prefix-shared, packed"
 
 
 def test_metrics_are_logged_train_and_eval(reward_run):
