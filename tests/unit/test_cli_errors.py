@@ -380,21 +380,6 @@ def test_max_length_shorter_than_every_prompt(tmp_path, gsm8k_slice, tiny_model_
 # --------------------------------------------------------------------------- run directory
 
 
-def test_output_dir_holding_a_run_is_not_overwritten(tmp_path, good_file, tiny_model_dir):
-    cfg = write_config(tmp_path, tiny_model_dir, good_file)
-    first = invoke("train", cfg)
-    assert first.exit_code == 0, first.output
-    run = tmp_path / "run"
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    assert "metrics.jsonl" in before and "summary.json" in before
-
-    output = error_message(invoke("train", cfg, "train.lr=1e-3"))
-    assert f"output_dir '{run}' already holds a run" in output
-    assert "train.resume=auto" in output and "another output_dir" in output
-    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    assert after == before  # not even the resolved config.yaml is rewritten
-
-
 # --------------------------------------------------------------------------- data check: success
 
 
