@@ -119,7 +119,10 @@ def test_toy_algorithm_resumes_to_the_continuous_run(tmp_path):
     for key in ("final", "eval_before", "eval_after", "train_tokens"):
         assert resumed[key] == full[key], key
     rows = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("full", "cut")]
-    assert rows[0] == rows[1] and len(rows[0].splitlines()) == 6  # eval, 4 steps, eval
+    # the eval before training at step 0, then steps 1-4, the last with the eval after it
+    assert rows[0] == rows[1]
+    assert [json.loads(x)["step"] for x in rows[0].splitlines()] == [0, 1, 2, 3, 4]
+    assert "eval/score" in json.loads(rows[0].splitlines()[-1])
     a, b = (torch.load(tmp_path / d / "final" / "toy.pt") for d in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["toy_steps"] == 4
