@@ -29,6 +29,10 @@ def _fmt(metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
+# The first line reads "1 batch", not "1 batches"; counts ("1/1 batches") keep the plural.
+SINGULAR = {"batches": "batch", "steps": "step", "prompts": "prompt"}
+
+
 def duration(seconds: float) -> str:
     """42s, 3m05s, 1h02m: short enough for a progress line."""
     if seconds != seconds:  # NaN: no rate yet
@@ -147,7 +151,7 @@ class Progress:
         else:
             detail = f" {self.detail}" if self.detail else ""
             since = f", from {done}" if done else ""
-            unit = self.unit[:-1] if self.total == 1 and self.unit.endswith("s") else self.unit
+            unit = SINGULAR.get(self.unit, self.unit) if self.total == 1 else self.unit
             self.phases.print(f"{self.label}: {self.total} {unit}{detail}{since}")
         return self
 

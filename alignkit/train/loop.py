@@ -30,7 +30,13 @@ from alignkit.train.checkpoint import (
     save_checkpoint,
 )
 from alignkit.train.method import Method, StepOutput, to_device
-from alignkit.train.session import Cadence, interrupt_note, make_health, make_phases
+from alignkit.train.session import (
+    Cadence,
+    interrupt_note,
+    logged_eval_before,
+    make_health,
+    make_phases,
+)
 from alignkit.train.stream import MicroBatchStream, total_steps
 
 
@@ -311,9 +317,10 @@ class Trainer:
             phases = make_phases(self.tcfg, self.acc.is_main_process)
         # Read at fit time: the caller may attach or swap the logger after construction.
         cadence.logger = self.logger if self.acc.is_main_process else None
+        result = FitResult(self.state, {})
         if self.resume_if_asked():
             cadence.resume_health(self.run_dir, upto=self.state.step)
-        result = FitResult(self.state, {})
+            result = FitResult(self.state, {}, eval_before=logged_eval_before(self.run_dir))
         if self.state.step == 0 and self.eval_set:
             result.eval_before = self.evaluate(phases, "eval before training")
             self._log(0, result.eval_before)

@@ -128,6 +128,13 @@ def finished_note(run_dir: Path, summary: dict) -> str:
     return f"{head} To train further, {how}."
 
 
+def logged_eval_before(run_dir: Path) -> dict[str, float]:
+    """The evaluation before training as metrics.jsonl holds it (step 0), for a resumed run's
+    summary: the resumed run does not evaluate the starting model again."""
+    rows = read_metrics(run_dir / METRICS_FILE, upto=0)
+    return {k: v for row in rows for k, v in row.items() if k.startswith("eval/")}
+
+
 class RunStart(NamedTuple):
     accelerator: Any  # accelerate.Accelerator
     run_dir: Path

@@ -82,6 +82,13 @@ def test_live_bar_on_a_terminal_leaves_the_end_line():
     assert "loss 1.5000" in text
 
 
+def test_one_unit_reads_singular():
+    phases, out = plain()
+    with phases("eval after training", 1, "batches", "of 2") as progress:
+        progress.advance()
+    assert out.getvalue().splitlines()[0] == "eval after training: 1 batch of 2"
+
+
 def test_duration():
     assert [duration(s) for s in (4.4, 125, 3725)] == ["4s", "2m05s", "1h02m"]
     assert duration(float("nan")) == "?"

@@ -77,7 +77,7 @@ def test_finished_run_with_resume_auto_changes_nothing(finished):
 def test_resumed_run_logs_each_step_once_in_order(finished):
     """Killed after its last step but before writing final/ and summary.json: the resumed run
     trains steps 5 and 6 again from the step-4 checkpoint and its rows replace theirs."""
-    cfg, _ = finished
+    cfg, first = finished
     run_dir = Path(cfg.output_dir)
     full = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (run_dir / "summary.json").unlink()
@@ -88,3 +88,5 @@ def test_resumed_run_logs_each_step_once_in_order(finished):
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     assert set(rows[-1]) == set(full[-1])  # the last step's row holds the eval after training
     assert "eval/loss" in rows[-1] and "loss" in rows[-1]
+    # the evaluation before training, from its step-0 row: not lost from the summary
+    assert summary["eval_before"] == first["eval_before"] and summary["eval_before"]
