@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from alignkit.config import RunConfig
 from alignkit.errors import AlignkitError
+from alignkit.monitor.progress import Phases
 from alignkit.train.checkpoint import (
     TrainerState,
     checkpoint_dirs,
@@ -29,7 +30,13 @@ from alignkit.train.checkpoint import (
     save_checkpoint,
 )
 from alignkit.train.method import Method, StepOutput, to_device
-from alignkit.train.session import Cadence, interrupt_note, make_health
+from alignkit.train.session import (
+    Cadence,
+    interrupt_note,
+    logged_eval_before,
+    make_health,
+    make_phases,
+)
 from alignkit.train.stream import MicroBatchStream, total_steps
 
 
@@ -221,21 +228,26 @@ class Trainer:
         return ckpt
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Loss and metrics over the held-out set, sharded across processes."""
+    def evaluate(self, phases: Phases | None = None, label: str = "eval") -> dict[str, float]:
+        """Loss and metrics over the held-out set, sharded across processes; `phases` shows
+        its progress (this process's batches) under `label`."""
         if not self.eval_set:
             return {}
         self.prepared.eval()
         sums, loss_sum, units = MetricSums(), torch.zeros((), device=self.acc.device), 0.0
         bs, world, rank = self.tcfg.batch_size, self.acc.num_processes, self.acc.process_index
         mine = self.eval_set[rank::world]
-        for s in range(0, len(mine), bs):
-            batch = self.method.collate(mine[s : s + bs])
-            batch = to_device(batch, self.acc.device)
-            out = self.method.step(self.prepared, batch)
-            loss_sum += out.loss_sum.detach().float()
-            units += self.method.units(batch)
-            sums.add(out)
+        starts = range(0, len(mine), bs)
+        phases = phases if phases is not None else Phases(enabled=False)
+        with phases(label, len(starts), "batches", f"of {bs}") as progress:
+            for s in starts:
+                batch = self.method.collate(mine[s : s + bs])
+                batch = to_device(batch, self.acc.device)
+                out = self.method.step(self.prepared, batch)
+                loss_sum += out.loss_sum.detach().float()
+                units += self.method.units(batch)
+                sums.add(out)
+                progress.advance()
         self.prepared.train()
         total = self.acc.reduce(
             torch.stack([loss_sum, torch.tensor(units, device=loss_sum.device)]), reduction="sum"
@@ -296,23 +308,29 @@ class Trainer:
         }
 
     # -- the run --------------------------------------------------------------------------------
-    def fit(self) -> FitResult:
+    def fit(self, phases: Phases | None = None) -> FitResult:
+        """Train to the last step (from the checkpoint `train.resume=auto` finds), with the
+        evaluations before, during and after; `phases` shows the progress of each (by default
+        on stderr, as `train.progress` says)."""
         cadence = self.cadence
+        if phases is None:
+            phases = make_phases(self.tcfg, self.acc.is_main_process)
         # Read at fit time: the caller may attach or swap the logger after construction.
         cadence.logger = self.logger if self.acc.is_main_process else None
+        result = FitResult(self.state, {})
         if self.resume_if_asked():
             cadence.resume_health(self.run_dir, upto=self.state.step)
-        result = FitResult(self.state, {})
+            result = FitResult(self.state, {}, eval_before=logged_eval_before(self.run_dir))
         if self.state.step == 0 and self.eval_set:
-            result.eval_before = self.evaluate()
+            result.eval_before = self.evaluate(phases, "eval before training")
             self._log(0, result.eval_before)
-        progress = cadence.progress(self.acc.is_main_process)
+        progress = phases("train", self.steps, "steps", lines=20)
         progress.start(self.state.step)
         self.prepared.train()
         t_start = time.perf_counter() - self.state.elapsed_s
         try:
             while self.state.step < self.steps:
-                result.last_metrics = self._run_step(progress, t_start)
+                result.last_metrics = self._run_step(progress, phases, t_start)
         except KeyboardInterrupt:
             progress.stop()
             note = interrupt_note(
@@ -320,15 +338,23 @@ class Trainer:
             )
             raise Interrupted(note.message, hint=note.hint) from None
         progress.stop()
-        if self.eval_set:
-            result.eval_after = self.evaluate()
-            self._log(self.state.step, result.eval_after)
-            self._show_findings(progress)
+        self._finish_last_row(result, phases)
+        self._show_findings(progress)
         result.wall_s = time.perf_counter() - t_start
         result.health = cadence.health_summary()
         return result
 
-    def _run_step(self, progress, t_start: float) -> dict[str, float]:
+    def _finish_last_row(self, result: FitResult, phases: Phases) -> None:
+        """Log the last step's row, with the evaluation after training merged in: one row per
+        step keeps metrics.jsonl step-ordered with no step twice."""
+        row = dict(result.last_metrics)  # empty when this fit ran no step
+        if self.eval_set:
+            result.eval_after = self.evaluate(phases, "eval after training")
+            row.update(result.eval_after)
+        if row:
+            self._log(self.state.step, row)
+
+    def _run_step(self, progress, phases: Phases, t_start: float) -> dict[str, float]:
         """One optimizer step with its evaluation, logging, progress and checkpoint as due."""
         t0 = time.perf_counter()
         metrics = self.train_step()
@@ -337,8 +363,9 @@ class Trainer:
         self.state.elapsed_s = time.perf_counter() - t_start
         step = self.state.step
         if self.cadence.eval_due(step):
-            metrics.update(self.evaluate())
-        if self.cadence.log_due(step):
+            metrics.update(self.evaluate(phases, f"eval at step {step}"))
+        # The last step's row waits for the evaluation after training (`_finish_last_row`).
+        if step < self.steps and self.cadence.log_due(step):
             self._log(step, metrics)
         progress.update(step, metrics)
         self._show_findings(progress)

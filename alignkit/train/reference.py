@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError
+from alignkit.monitor.progress import Phases
 from alignkit.train.method import ReferenceSource, ReferenceUser, to_device
 
 # A batch function: collated batch -> (S,) per-response summed log-probs under a model.
@@ -99,11 +100,15 @@ def compute_logps(
     batch_size: int,
     device: torch.device,
     order: Callable[[list[Any], int], list[list[int]] | None] | None = None,
+    phases: Phases | None = None,
+    label: str = "reference log-probs",
 ) -> Tensor:
     """(n, k) log-probs of every item (k responses each), in item order, in eval mode. The
-    items are batched `batch_size` at a time in order, or as `order` groups them."""
+    items are batched `batch_size` at a time in order, or as `order` groups them; `phases`
+    shows the pass's progress under `label` (it can take minutes before training starts)."""
     n = len(items)
     batches = order(items, batch_size) if order is not None else None
+    grouped = batches is not None
     if batches is None:
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     if sorted(i for idx in batches for i in idx) != list(range(n)):
@@ -111,14 +116,19 @@ def compute_logps(
     was_training = module.training
     module.eval()
     table = None
+    phases = phases if phases is not None else Phases(enabled=False)
+    # Grouped batches (`order`) vary in size: the count of items says more than a batch size.
+    detail = f"({n} items)" if grouped else f"of {batch_size}"
     try:
-        for idx in batches:
-            batch = to_device(collate([items[i] for i in idx]), device)
-            logps = batch_logps(module, batch)  # (k * b,) segments: response j of item i at j*b+i
-            rows = logps.float().view(-1, len(idx)).T.cpu()  # (b, k)
-            if table is None:
-                table = rows.new_zeros(n, rows.shape[1])
-            table[idx] = rows
+        with phases(label, len(batches), "batches", detail) as progress:
+            for idx in batches:
+                batch = to_device(collate([items[i] for i in idx]), device)
+                logps = batch_logps(module, batch)  # (k * b,): response j of item i at j*b+i
+                rows = logps.float().view(-1, len(idx)).T.cpu()  # (b, k)
+                if table is None:
+                    table = rows.new_zeros(n, rows.shape[1])
+                table[idx] = rows
+                progress.advance()
     finally:
         module.train(was_training)
     return table if table is not None else torch.zeros(0, 1)
@@ -151,8 +161,11 @@ class CachedReference:
         return CachedReference(tables)
 
 
-def attach_reference(cfg, setup, model: nn.Module, wrapped: nn.Module, acc, log) -> str:
-    """Give `setup.method` its reference source; returns the mode used (also logged)."""
+def attach_reference(
+    cfg, setup, model: nn.Module, wrapped: nn.Module, acc, log, phases: Phases | None = None
+) -> str:
+    """Give `setup.method` its reference source; returns the mode used (also logged).
+    `phases` shows the progress of the precomputing pass (`cache`)."""
     from alignkit.config import LoraConfig, ModelConfig
     from alignkit.models import load_model
     from alignkit.models.resolve import cache_dir, resolve_model
@@ -210,10 +223,17 @@ def attach_reference(cfg, setup, model: nn.Module, wrapped: nn.Module, acc, log)
         module = load_reference() if explicit else wrapped
         ctx = adapter_disabled(model) if (lora and not explicit) else contextlib.nullcontext()
         kw = {"batch_size": cfg.train.batch_size, "device": acc.device, "order": method.ref_order}
+
+        def pass_over(split: str, items: list[Any]) -> Tensor:
+            label = f"reference log-probs ({split})"
+            return compute_logps(
+                module, items, method.collate, fn, phases=phases, label=label, **kw
+            )
+
         with ctx:
-            tables = {"train": compute_logps(module, setup.train, method.collate, fn, **kw)}
+            tables = {"train": pass_over("train", setup.train)}
             if setup.eval:
-                tables["eval"] = compute_logps(module, setup.eval, method.collate, fn, **kw)
+                tables["eval"] = pass_over("eval", setup.eval)
         return tables
 
     with acc.main_process_first():

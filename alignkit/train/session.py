@@ -2,9 +2,14 @@
 
 Everything about a run that is not how a step trains: the accelerator (mixed precision), seeding,
 SIGTERM handled as Ctrl-C, the run directory (one run per directory; on resume the metric rows
-past the checkpoint are trimmed so they are not doubled), loggers, the cadence of evaluation,
-logging and checkpoints, the run-health monitor (replayed on resume), the interrupt message,
-samples before and after, and `summary.json`. Both loops write the same files through it.
+past the checkpoint are trimmed so they are not doubled; a finished run is left as it is),
+loggers, progress output, the cadence of evaluation, logging and checkpoints, the run-health
+monitor (replayed on resume), the interrupt message, samples before and after, and
+`summary.json`. Both loops write the same files through it.
+
+`metrics.jsonl` holds one row per step, in step order: step 0 is the evaluation before training
+(when there is an eval set), and an evaluation during or after training shares the row of the
+step it follows.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from alignkit.monitor.health import (
     read_metrics,
     settings_from_config,
 )
-from alignkit.monitor.progress import Progress
+from alignkit.monitor.progress import Phases
 from alignkit.train.checkpoint import checkpoint_dirs
 
 METRICS_FILE = "metrics.jsonl"
@@ -79,14 +84,55 @@ def prepare_run_dir(cfg: RunConfig, is_main: bool) -> Path:
 
 
 def trim_metrics(path: Path, ckpt: Path | None) -> None:
-    """Drop metric rows logged after the checkpoint we resume from, so they are not doubled."""
+    """Keep the metric rows up to the checkpoint we resume from, one per step in step order,
+    so the resumed run's rows follow them without doubling a step. Rows sharing a step (an
+    evaluation logged apart from its step's training row, as older runs did) are merged."""
     last = int(ckpt.name.split("-")[1]) if ckpt else -1
-    keep = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= last
-    ]
-    path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    rows: dict[int, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        step = row.get("step", 0)
+        if step <= last:
+            rows.setdefault(step, {}).update(row)
+    path.write_text("".join(json.dumps(rows[s]) + "\n" for s in sorted(rows)), encoding="utf-8")
+
+
+def finished_summary(cfg: RunConfig) -> dict | None:
+    """The summary of the run already finished in `output_dir`, when `train.resume=auto` finds
+    one there: it is returned as it is, and nothing in the directory changes."""
+    path = Path(cfg.output_dir) / SUMMARY_FILE
+    if cfg.train.resume != "auto" or not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def finished_note(run_dir: Path, summary: dict) -> str:
+    """What to tell the user who resumes a finished run: nothing was done, and how to train
+    further (a new run starting from this one's result, in a new directory)."""
+    final = run_dir / "final"
+    head = (
+        f"[alignkit] {run_dir} holds a finished {summary.get('method', '')} run of "
+        f"{summary.get('steps', '?')} steps ({run_dir / SUMMARY_FILE}): train.resume=auto has "
+        "nothing to resume, and nothing was changed."
+    )
+    if (final / "adapter_config.json").is_file():  # LoRA: merge before training on
+        merged = f"{run_dir}-merged"
+        how = (
+            f"merge its adapter (alignkit export {run_dir} --out {merged}), then train with "
+            f"model.name={merged} and a new output_dir"
+        )
+    else:
+        how = f"train with model.name={final} and a new output_dir"
+    return f"{head} To train further, {how}."
+
+
+def logged_eval_before(run_dir: Path) -> dict[str, float]:
+    """The evaluation before training as metrics.jsonl holds it (step 0), for a resumed run's
+    summary: the resumed run does not evaluate the starting model again."""
+    rows = read_metrics(run_dir / METRICS_FILE, upto=0)
+    return {k: v for row in rows for k, v in row.items() if k.startswith("eval/")}
 
 
 class RunStart(NamedTuple):
@@ -129,9 +175,10 @@ class Cadence:
     """When a step evaluates, logs and checkpoints, and what sees each logged row: the loggers
     and the run-health monitor, whose findings wait until the loop shows them.
 
-    `watch_evals`: whether the monitor also reads the rows holding only an evaluation (before
-    training at step 0, after training at the last step). The offline loop's rules read eval
-    metrics; the rollout loop's do not, so its replay on resume skips step 0 as well.
+    `watch_evals`: whether the monitor also reads the row holding only the evaluation before
+    training (step 0; the evaluation after training shares the last step's row). The offline
+    loop's rules read eval metrics; the rollout loop's do not, so its replay on resume skips
+    step 0 as well.
     """
 
     def __init__(self, tcfg, steps: int, *, logger=None, health=None, watch_evals: bool = True):
@@ -161,7 +208,7 @@ class Cadence:
             self.findings += self.health.observe(step, metrics)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """A row holding only the evaluation before or after training."""
+        """The row holding only the evaluation before training (step 0)."""
         if self.watch_evals:
             self.log(step, metrics)
         elif self.logger is not None:
@@ -187,8 +234,11 @@ class Cadence:
     def health_summary(self) -> dict[str, Any]:
         return self.health.summary() if self.health is not None else {}
 
-    def progress(self, enabled: bool) -> Progress:
-        return Progress(self.steps, enabled=enabled and self.tcfg.progress)
+
+def make_phases(tcfg, is_main: bool, stream=None) -> Phases:
+    """The run's progress output: on the main process only, silent with train.progress=false;
+    `stream` defaults to stderr."""
+    return Phases(enabled=is_main and tcfg.progress, stream=stream)
 
 
 class InterruptNote(NamedTuple):
@@ -228,15 +278,34 @@ def peak_memory_mb() -> dict[str, float]:
     return out
 
 
-def sample_generations(model, tokenizer, tcfg) -> list[Any]:
-    """Greedy answers to `train.sample_prompts` (shown before and after training)."""
+SAMPLE_BATCH = 8  # prompts generated together for the samples before and after
+
+
+def sample_generations(
+    model, tokenizer, tcfg, phases: Phases | None = None, label: str = "samples"
+) -> list[Any]:
+    """Greedy answers to `train.sample_prompts` (shown before and after training), a batch of
+    prompts at a time so that the progress can count them."""
     from alignkit.rollout.generate import generate_chat
 
-    if not tcfg.sample_prompts:
+    prompts = list(tcfg.sample_prompts)
+    if not prompts:
         return []
-    return generate_chat(
-        model, tokenizer, tcfg.sample_prompts, max_new_tokens=tcfg.sample_max_new_tokens
-    )
+    phases = phases if phases is not None else Phases(enabled=False)
+    out: list[Any] = []
+    each = f"(up to {tcfg.sample_max_new_tokens} new tokens each)"
+    with phases(label, len(prompts), "prompts", each) as p:
+        for s in range(0, len(prompts), SAMPLE_BATCH):
+            chunk = prompts[s : s + SAMPLE_BATCH]
+            out += generate_chat(
+                model,
+                tokenizer,
+                chunk,
+                max_new_tokens=tcfg.sample_max_new_tokens,
+                batch_size=SAMPLE_BATCH,
+            )
+            p.advance(len(chunk))
+    return out
 
 
 def summarize(cfg: RunConfig, fit, info: dict, samples_before, samples_after, params) -> dict:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from alignkit.config import RunConfig
 from alignkit.data.prompts import PromptExample
 from alignkit.errors import AlignkitError
+from alignkit.monitor.progress import Phases
 from alignkit.train.checkpoint import (
     TrainerState,
     checkpoint_dirs,
@@ -47,6 +48,7 @@ from alignkit.train.session import (
     Cadence,
     interrupt_note,
     make_health,
+    make_phases,
     open_loggers,
     peak_memory_mb,
     sample_generations,
@@ -143,8 +145,9 @@ def rollout_steps(tcfg, n_prompts: int, rollout_batch_size: int) -> int:
     return max(1, math.ceil(n_prompts * tcfg.epochs / rollout_batch_size))
 
 
-def run_rollout(cfg: RunConfig, build: BuildAlgorithm, *, log=print) -> dict:
-    """Train an online method end to end; returns the summary also written to summary.json."""
+def run_rollout(cfg: RunConfig, build: BuildAlgorithm, *, log=print, progress_stream=None) -> dict:
+    """Train an online method end to end; returns the summary also written to summary.json.
+    Progress goes to `progress_stream` (stderr by default)."""
     from alignkit.data.prompts import load_prompt_data
     from alignkit.models import load_tokenizer
 
@@ -169,21 +172,40 @@ def run_rollout(cfg: RunConfig, build: BuildAlgorithm, *, log=print) -> dict:
             f"left by data.max_length - {cfg.method}.max_new_tokens: {st.dropped_too_long} "
             f"dropped, {st.truncated} cut on the left (data.truncation={cfg.data.truncation})"
         )
-    return RolloutRun(cfg, section, algo, tokenizer, acc, run_dir, log).run(data)
+    phases = make_phases(cfg.train, True, progress_stream)
+    return RolloutRun(cfg, section, algo, tokenizer, acc, run_dir, log, phases).run(data)
 
 
 class RolloutRun:
     """One rollout run: the loop, its checkpoints and its summary."""
 
     def __init__(
-        self, cfg: RunConfig, section, algo: RolloutAlgorithm, tokenizer, acc, run_dir, log
+        self,
+        cfg: RunConfig,
+        section,
+        algo: RolloutAlgorithm,
+        tokenizer,
+        acc,
+        run_dir,
+        log,
+        phases: Phases | None = None,
     ):
         self.cfg, self.section, self.algo, self.tokenizer = cfg, section, algo, tokenizer
         self.acc, self.run_dir, self.log = acc, run_dir, log
+        self.phases = phases if phases is not None else make_phases(cfg.train, True)
 
-    def samples(self) -> list[Any]:
+    def samples(self, label: str) -> list[Any]:
         with self.algo.policy() as module:
-            return sample_generations(module, self.tokenizer, self.cfg.train)
+            return sample_generations(module, self.tokenizer, self.cfg.train, self.phases, label)
+
+    def evaluate(self, prompts: list[PromptExample], label: str) -> dict[str, float]:
+        """The algorithm's evaluation (policy against reference) as a phase of its own: said
+        when it starts and ends, since sampling every eval prompt can take minutes. The
+        algorithm reports no progress within it, so its count moves once, at the end."""
+        with self.phases(label, len(prompts), "prompts", "(policy and reference)") as progress:
+            metrics = self.algo.evaluate(prompts)
+            progress.update(len(prompts))
+        return metrics
 
     def run(self, data) -> dict:
         cfg, algo = self.cfg, self.algo
@@ -191,7 +213,7 @@ class RolloutRun:
         opt = make_optim(algo.trainable(), cfg.train, self.acc, steps * algo.updates_per_step())
         stream = PromptStream(len(data.train), self.section.rollout_batch_size, cfg.train.seed)
         fit = FitResult(TrainerState(), {})
-        before = self.samples()  # the starting policy, even on resume
+        before = self.samples("samples before training")  # the starting policy, even on resume
         self.resume_if_asked(opt, stream, fit, steps)
         cadence = Cadence(
             cfg.train,
@@ -221,29 +243,39 @@ class RolloutRun:
         algo, steps = self.algo, cadence.steps
         eval_prompts = data.eval[: self.section.eval_prompts]
         if eval_prompts and fit.state.step == 0:
-            fit.eval_before = algo.evaluate(eval_prompts)
+            fit.eval_before = self.evaluate(eval_prompts, "eval before training")
             cadence.log_eval(0, fit.eval_before)
-        progress = cadence.progress(True)
+        ran = fit.state.step < steps
+        progress = self.phases("train", steps, "steps", lines=20)
         progress.start(fit.state.step)
-        for step in range(fit.state.step + 1, steps + 1):
-            metrics = algo.step([data.train[i] for i in stream.next()], opt)
-            fit.state.step = step
-            fit.state.tokens_seen += metrics.pop("tokens")
-            fit.state.elapsed_s = time.perf_counter() - t0
-            if eval_prompts and cadence.eval_due(step):
-                metrics.update(algo.evaluate(eval_prompts))
-            if cadence.log_due(step):
-                cadence.log(step, metrics)
-                for text in cadence.take_findings():
-                    self.log("[alignkit] " + text)
-            fit.last_metrics = metrics
-            progress.update(step, metrics)
-            if cadence.save_due(step):
-                self.save(opt, stream, fit)
-        progress.stop()
+        try:
+            for step in range(fit.state.step + 1, steps + 1):
+                metrics = algo.step([data.train[i] for i in stream.next()], opt)
+                fit.state.step = step
+                fit.state.tokens_seen += metrics.pop("tokens")
+                fit.state.elapsed_s = time.perf_counter() - t0
+                if eval_prompts and cadence.eval_due(step):
+                    metrics.update(self.evaluate(eval_prompts, f"eval at step {step}"))
+                # The last step's row waits for the evaluation after training: one row per step.
+                if step < steps and cadence.log_due(step):
+                    self.log_row(cadence, step, metrics)
+                fit.last_metrics = metrics
+                progress.update(step, metrics)
+                if cadence.save_due(step):
+                    self.save(opt, stream, fit)
+        finally:
+            progress.stop()
+        row = dict(fit.last_metrics) if ran else {}
         if eval_prompts:
-            fit.eval_after = algo.evaluate(eval_prompts)
-            cadence.log_eval(steps, fit.eval_after)
+            fit.eval_after = self.evaluate(eval_prompts, "eval after training")
+            row.update(fit.eval_after)
+        if row:
+            self.log_row(cadence, steps, row)
+
+    def log_row(self, cadence: Cadence, step: int, metrics: dict[str, float]) -> None:
+        cadence.log(step, metrics)
+        for text in cadence.take_findings():
+            self.log("[alignkit] " + text)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, opt: Optim, stream: PromptStream, fit: FitResult) -> Path:
@@ -294,7 +326,7 @@ class RolloutRun:
 
         algo = self.algo
         algo.save_final(self.run_dir / "final")
-        after = self.samples()
+        after = self.samples("samples after training")
         info = {
             "format": data.format,
             **vars(data.stats),

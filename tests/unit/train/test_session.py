@@ -60,6 +60,17 @@ def test_trim_and_interrupt_messages(tmp_path):
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 1, 2, 3)))
     trim_metrics(path, tmp_path / "checkpoints" / "step-2")
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
+    # Rows out of order or sharing a step (an eval row apart from its step's training row):
+    # one row per step, in step order, up to the checkpoint.
+    rows = [{"step": 0, "eval/loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 1, "loss": 1.5},
+            {"step": 2, "eval/loss": 1.2}, {"step": 3, "loss": 0.9}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trim_metrics(path, tmp_path / "checkpoints" / "step-2")
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"step": 0, "eval/loss": 2.0},
+        {"step": 1, "loss": 1.5},
+        {"step": 2, "loss": 1.0, "eval/loss": 1.2},
+    ]
     saved = interrupt_note(tmp_path, "sft", 3, 6, saved=tmp_path / "step-3")
     assert saved.message.startswith("interrupted at step 3/6; checkpoint saved to")
     none = interrupt_note(tmp_path, "ppo", 3, 6, saved=None)

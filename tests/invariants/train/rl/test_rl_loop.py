@@ -119,7 +119,31 @@ def test_toy_algorithm_resumes_to_the_continuous_run(tmp_path):
     for key in ("final", "eval_before", "eval_after", "train_tokens"):
         assert resumed[key] == full[key], key
     rows = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("full", "cut")]
-    assert rows[0] == rows[1] and len(rows[0].splitlines()) == 6  # eval, 4 steps, eval
+    # the eval before training at step 0, then steps 1-4, the last with the eval after it
+    assert rows[0] == rows[1]
+    assert [json.loads(x)["step"] for x in rows[0].splitlines()] == [0, 1, 2, 3, 4]
+    assert "eval/score" in json.loads(rows[0].splitlines()[-1])
     a, b = (torch.load(tmp_path / d / "final" / "toy.pt") for d in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["toy_steps"] == 4
+
+
+def test_evaluations_and_steps_report_progress_in_a_log(tmp_path):
+    import io
+
+    from alignkit.monitor.progress import Phases
+
+    cfg = load_config(None, [
+        "method=ppo", "ppo.reward_fn=alignkit.rewards:response_length", f"output_dir={tmp_path}",
+        "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2", "ppo.eval_prompts=2",
+        "train.max_steps=2", "train.eval_every=1",
+    ])  # fmt: skip
+    prepare_run_dir(cfg, True)
+    out = io.StringIO()
+    acc = Accelerator(cpu=True)
+    RolloutRun(cfg, cfg.ppo, Toy(), None, acc, tmp_path, print, Phases(stream=out)).run(DATA)
+    lines = out.getvalue().splitlines()
+    for label in ("eval before training", "eval at step 1", "eval after training"):
+        assert f"{label}: 2 prompts (policy and reference)" in lines
+        assert any(x.startswith(f"{label}: 2/2 prompts in") for x in lines)
+    assert "train: 2 steps" in lines and any(x.startswith("train: 2/2 steps in") for x in lines)
