@@ -312,18 +312,25 @@ def _export_gguf(source: str, out_dir: str, quant: str) -> None:
         f"GGUF ({quant}, {size_mb:.0f} MB; tensors: {types}) written to {done.gguf_path}",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
     if not done.chat_template:
         _log("[alignkit] warning: the tokenizer has no chat template; the GGUF carries none")
     template = (
         "chatml TEMPLATE" if done.ollama_template else "no TEMPLATE (Ollama reads the GGUF's)"
     )
-    out.print(f"Ollama Modelfile ({template}) written to {done.modelfile_path}", markup=False)
+    out.print(
+        f"Ollama Modelfile ({template}) written to {done.modelfile_path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     out.print(
         f"run it: llama-cli -m {done.gguf_path} -cnv   or   "
         f"ollama create NAME -f {done.modelfile_path}",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -500,6 +500,8 @@ def export_gguf(source: str | Path, out_dir: str | Path, quant: str = "f16") -> 
             hint="pass a run directory that finished (its final/), an adapter or model "
             "directory, or a .gguf file",
         )
+    if _is_full_hf_dir(src):
+        llama_params(src)  # refuse an unsupported model before creating anything
     out.mkdir(parents=True, exist_ok=True)
     path = out / GGUF_NAME
     with tempfile.TemporaryDirectory(dir=out, prefix=".merge-") as tmp:

