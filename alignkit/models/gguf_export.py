@@ -16,9 +16,11 @@ Quantizations:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -442,26 +444,42 @@ def write_gguf(model_dir: Path, path: Path, quant: str) -> int:
 def llama_cpp_quantize(src: Path, dst: Path, ftype: str) -> None:
     """Quantize a GGUF with llama.cpp's ``llama_model_quantize`` (``llama-quantize``'s code)."""
     import ctypes
-    import logging
 
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, ftype)
     params.nthread = max(1, (os.cpu_count() or 1))
-    # llama-cpp-python routes llama.cpp's log through this logger; its per-tensor fallback
-    # warnings are summarised from the written file instead (GgufExport.tensor_types)
-    log = logging.getLogger("llama-cpp-python")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    with _native_stderr_to(dst.with_suffix(".log")) as log:
         rc = llama_cpp.llama_model_quantize(
             str(src).encode(), str(dst).encode(), ctypes.byref(params)
         )
-    finally:
-        log.setLevel(level)
+    tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+    log.unlink(missing_ok=True)
     if rc != 0:
-        raise ModelError(f"llama.cpp could not quantize '{src}' ({ftype}, status {rc})")
+        raise ModelError(
+            f"llama.cpp could not quantize '{src}' ({ftype}, status {rc})",
+            hint="llama.cpp said: " + " | ".join(tail) if tail else None,
+        )
+
+
+@contextlib.contextmanager
+def _native_stderr_to(path: Path) -> Iterator[Path]:
+    """Send what native code writes to file descriptor 2 into ``path`` for the duration.
+
+    llama.cpp's quantizer prints one line per tensor that falls back to another type (most of
+    them on models whose width is not a multiple of 256); the command summarises the written
+    types instead, and the log is shown only when quantizing fails.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "wb") as f:
+            os.dup2(f.fileno(), 2)
+            yield path
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _has_model(path: Path) -> bool:
