@@ -268,23 +268,70 @@ def generate(
 
 @app.command()
 def export(
-    source: str = typer.Argument(..., help="run directory, or its final/ adapter directory"),
+    source: str = typer.Argument(
+        ..., help="run directory, its final/ adapter directory, or a model directory"
+    ),
     out_dir: str = typer.Option(..., "--out", help="where to write the exported model"),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="merge LoRA into full weights"),
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 for the saved weights"),
+    gguf: bool = typer.Option(
+        False, "--gguf", help="write model.gguf for llama.cpp and an Ollama Modelfile beside it"
+    ),
+    quant: str = typer.Option(None, help="GGUF quantization: f16 (default) | q8_0 | q4_k_m"),
 ) -> None:
-    """Write a standalone model: the LoRA adapter merged into full weights."""
-    from alignkit.models import export_merged
-
+    """Write a standalone model: the LoRA adapter merged into full weights, or a GGUF file."""
     try:
         if not merge:
             raise AlignkitError(
                 "only --merge export is available", hint="final/ already holds the adapter as it is"
             )
+        if gguf:
+            _export_gguf(_final_dir(source), out_dir, quant or "f16")
+            return
+        if quant is not None:
+            raise AlignkitError(
+                "--quant applies to GGUF export only", hint="add --gguf, or drop --quant"
+            )
+        from alignkit.models import export_merged
+
         export_merged(_final_dir(source), out_dir, dtype=dtype)
     except AlignkitError as exc:
         _fail(exc)
     out.print(f"merged model written to {out_dir}", markup=False, highlight=False)
+
+
+def _export_gguf(source: str, out_dir: str, quant: str) -> None:
+    from alignkit.models.gguf_export import check_quant, export_gguf
+
+    check_quant(quant)  # before the seconds of loading a model
+    _log(f"[alignkit] writing GGUF ({quant}) from {source}")
+    done = export_gguf(source, out_dir, quant)
+    size_mb = done.gguf_path.stat().st_size / 1e6
+    types = ", ".join(f"{n} {kind}" for kind, n in done.tensor_types.items())
+    out.print(
+        f"GGUF ({quant}, {size_mb:.0f} MB; tensors: {types}) written to {done.gguf_path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    if not done.chat_template:
+        _log("[alignkit] warning: the tokenizer has no chat template; the GGUF carries none")
+    template = (
+        "chatml TEMPLATE" if done.ollama_template else "no TEMPLATE (Ollama reads the GGUF's)"
+    )
+    out.print(
+        f"Ollama Modelfile ({template}) written to {done.modelfile_path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"run it: llama-cli -m {done.gguf_path} -cnv   or   "
+        f"ollama create NAME -f {done.modelfile_path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("eval")
