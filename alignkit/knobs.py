@@ -40,7 +40,7 @@ class IPOConfig(Section):
 
 
 class BetaConfig(Section):
-    """Losses whose one knob is the implicit reward's beta (hinge, APO-zero)."""
+    """Losses whose one knob is the implicit reward's beta (hinge, and new losses reuse it)."""
 
     beta: float = Field(0.1, gt=0)
 

@@ -34,8 +34,8 @@ from alignkit.data.preference import (
     render_responses,
     resolve_pair_format,
 )
-from alignkit.data.preference_preflight import check_end_of_turn, report_conversion
-from alignkit.data.preflight import LengthStats, PreflightReport, named_format
+from alignkit.data.preference_preflight import check_end_of_turn, open_report, report_conversion
+from alignkit.data.preflight import LengthStats, PreflightReport
 from alignkit.data.tokenize import suggest_max_length
 from alignkit.errors import DataError
 
@@ -44,19 +44,8 @@ def preflight_kto(
     cfg: DataConfig, tokenizer: Any, *, chat_template: str | None = None
 ) -> PreflightReport:
     """Check KTO data as training would read it; raises only for unreadable files."""
-    if not cfg.train:
-        raise DataError("data.train is not set", hint="set data.train to a file or hub name")
-    located = read_located(cfg.train, split=cfg.split, limit=cfg.limit)
-    report = PreflightReport(
-        cfg.train, "?", cfg.max_length, cfg.truncation, True, rows=len(located), kind="unpaired"
-    )
-    try:
-        report.format = resolve_pair_format(
-            located.records, cfg, source=cfg.train, allowed=KTO_FORMATS
-        )
-    except DataError as err:
-        report.format = named_format(located.records, cfg)
-        report.problems.append(f"{err.message} ({err.hint})" if err.hint else err.message)
+    located, report = open_report(cfg, "unpaired", KTO_FORMATS)
+    if report.problems:
         return report
     rows, rendered, wheres, errors = _convert(report, located, cfg, tokenizer, chat_template)
     report.valid_rows = len(rows)

@@ -37,23 +37,29 @@ from alignkit.data.tokenize import suggest_max_length
 from alignkit.errors import DataError
 
 
-def preflight_preference(
-    cfg: DataConfig, tokenizer: Any, *, chat_template: str | None = None
-) -> PreflightReport:
-    """Check preference data as training would read it; raises only for unreadable files."""
+def open_report(cfg: DataConfig, kind: str, allowed) -> tuple[Any, PreflightReport]:
+    """Read a pair-shaped data file and start its report: the rows and the report, whose
+    problems name the format when it is none of `allowed` (then nothing else is checked)."""
     if not cfg.train:
         raise DataError("data.train is not set", hint="set data.train to a file or hub name")
     located = read_located(cfg.train, split=cfg.split, limit=cfg.limit)
     report = PreflightReport(
-        cfg.train, "?", cfg.max_length, cfg.truncation, True, rows=len(located), kind="preference"
+        cfg.train, "?", cfg.max_length, cfg.truncation, True, rows=len(located), kind=kind
     )
     try:
-        report.format = resolve_pair_format(
-            located.records, cfg, source=cfg.train, allowed=PREFERENCE_FORMATS
-        )
+        report.format = resolve_pair_format(located.records, cfg, source=cfg.train, allowed=allowed)
     except DataError as err:
         report.format = named_format(located.records, cfg)
         report.problems.append(f"{err.message} ({err.hint})" if err.hint else err.message)
+    return located, report
+
+
+def preflight_preference(
+    cfg: DataConfig, tokenizer: Any, *, chat_template: str | None = None
+) -> PreflightReport:
+    """Check preference data as training would read it; raises only for unreadable files."""
+    located, report = open_report(cfg, "preference", PREFERENCE_FORMATS)
+    if report.problems:
         return report
     pairs, rendered, wheres = [], [], []
     errors: list[str] = []
