@@ -27,15 +27,19 @@ def gsm8k_slice(data_dir, tmp_path, n=40):
     return path
 
 
-def check(*args):
+def check(model_dir, *args):
+    # A tiny model with the default model's tokenizer: no model download
+    args = (*args, "--model", model_dir)
     res = CliRunner().invoke(app, ["data", "check", *[str(a) for a in args]])
     assert res.exception is None or isinstance(res.exception, SystemExit), res.output
     return res
 
 
-def test_cli_gsm8k_with_column_map_matches_what_training_keeps(tokenizer, data_dir, tmp_path):
+def test_cli_gsm8k_with_column_map_matches_what_training_keeps(
+    tokenizer, data_dir, tmp_path, tiny_model_dir
+):
     src = gsm8k_slice(data_dir, tmp_path)
-    res = check(
+    res = check(tiny_model_dir, 
         src, "--method", "ppo", "--column-map", "question=prompt", "--max-length", "256",
         "--max-new-tokens", "160", "--json",
     )  # fmt: skip
@@ -69,23 +73,25 @@ def test_cli_gsm8k_with_column_map_matches_what_training_keeps(tokenizer, data_d
     assert max(len(k.prompt_ids) for k in kept) <= 96
 
 
-def test_cli_gsm8k_without_column_map_fails_with_the_fix(data_dir, tmp_path):
-    res = check(gsm8k_slice(data_dir, tmp_path, 5), "--method", "ppo")
+def test_cli_gsm8k_without_column_map_fails_with_the_fix(data_dir, tmp_path, tiny_model_dir):
+    res = check(tiny_model_dir, gsm8k_slice(data_dir, tmp_path, 5), "--method", "ppo")
     assert res.exit_code == 1
     text = " ".join(res.output.split())
     assert "PPO prompt preflight" in text and "PROBLEM" in text
     assert "answer, question" in text and "column_map" in text
 
 
-def test_cli_hh_pairs_give_their_shared_prompt(data_dir):
+def test_cli_hh_pairs_give_their_shared_prompt(data_dir, tiny_model_dir):
     src = data_dir / "hh-rlhf-harmless" / "pairs.jsonl"
-    res = check(src, "--method", "ppo", "--max-length", "512", "--truncation", "truncate")
+    res = check(
+        tiny_model_dir, src, "--method", "ppo", "--max-length", "512", "--truncation", "truncate"
+    )
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "PPO prompt preflight" in text and "hh" in text and "No problems found" in text
     assert "384 tokens" in text  # 512 - the default 128 new tokens
     assert "will lose their left side" in text
-    res = check(src, "--method", "ppo", "--max-length", "512", "--json")
+    res = check(tiny_model_dir, src, "--method", "ppo", "--max-length", "512", "--json")
     report = json.loads(res.output)
     assert report["format"] == "hh" and report["rows"] == report["valid_rows"] == 1800
     assert report["duplicates"] >= 1 and report["empty_prompts"] == 0
@@ -107,9 +113,11 @@ def test_truncation_error_meeting_a_long_prompt_is_a_problem(tokenizer, tmp_path
     assert report.ok and report.stats.truncated == 1 and report.stats.kept == 2
 
 
-def test_no_room_for_a_prompt_is_a_problem(tokenizer, tmp_path):
+def test_no_room_for_a_prompt_is_a_problem(tokenizer, tmp_path, tiny_model_dir):
     src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q"}])
-    res = check(src, "--method", "ppo", "--max-length", "128", "--max-new-tokens", "128")
+    res = check(
+        tiny_model_dir, src, "--method", "ppo", "--max-length", "128", "--max-new-tokens", "128"
+    )
     assert res.exit_code == 1
     assert "leaves no room for a prompt" in " ".join(res.output.split())
 
